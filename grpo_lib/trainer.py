@@ -1,0 +1,408 @@
+"""The GRPO loop: sample -> score -> advantages -> mu updates; checkpoints and the run log.
+
+The trainer only sequences the pure functions of the other modules (DESIGN.md); it defines no math.
+One `step()`:
+    1) take prompts_per_step prompts, sample G completions each           (sampling.sample_groups)
+    2) score them with every reward function, combine with weights         (rewards.score_completions)
+    3) z-score the totals inside each group                                (advantages.group_advantages)
+    4) reference log-probs (adapters off, no grad) and, if mu > 1, old log-probs
+    5) mu times: for each micro-batch, policy log-probs -> grpo_loss -> backward; then one optimiser step
+    6) a StepRecord with texts, rewards, advantages, per-token stats and metrics
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runlog
+from .advantages import advantage_stats, group_advantages
+from .config import GRPOConfig
+from .data import check_dataset, filter_long_prompts
+from .logprobs import rollout_logps
+from .loss import grpo_loss, microbatch_normalizers
+from .models import compute_dtype, is_peft, model_device, reference_mode, trainable_parameters
+from .rewards import resolve_reward_funcs, reward_name, score_completions
+from .runlog import RunDirError, StepRecord
+from .sampling import sample_groups
+
+
+class StepOOMError(RuntimeError):
+    """The device ran out of memory during a step; nothing of the step was applied."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(config: GRPOConfig):
+    """Multiplier of the learning rate at optimiser step s: linear warm-up, then constant/linear/cosine."""
+    total = config.max_steps * config.num_iterations
+    warm = config.warmup_steps * config.num_iterations
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        progress = min(1.0, (s - warm) / max(1, total - warm))
+        if config.lr_scheduler_type == "linear":
+            return 1.0 - progress
+        if config.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class GRPOTrainer:
+    """GRPO on a (LoRA) causal LM.
+
+    model, tokenizer: from grpo_lib.models.load_policy. reward_funcs: names or TRL-style callables
+    (default: config.reward_funcs). train_dataset: rows with a "prompt" column (chat messages or text)
+    and the columns the reward functions read. run_dir: where the run log and checkpoints go (optional).
+    ref_model: only for full fine-tuning (lora_r=0) with beta > 0; LoRA models use adapters-off.
+    """
+
+    def __init__(self, model, tokenizer, reward_funcs=None, config: GRPOConfig | None = None, train_dataset=None,
+                 reward_weights=None, run_dir: str | None = None, ref_model=None):
+        self.config = config = config or GRPOConfig()
+        self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
+        self.reward_funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else config.reward_funcs)
+        weights = reward_weights if reward_weights is not None else config.reward_weights
+        self.reward_weights = list(weights) if weights is not None else [1.0] * len(self.reward_funcs)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for "
+                             f"{len(self.reward_funcs)} reward functions")
+        if config.beta != 0 and ref_model is None and not is_peft(model):
+            raise ValueError("beta > 0 needs a reference policy: use a LoRA model (adapters off = reference) "
+                             "or pass ref_model=, or set beta=0")
+        rows = check_dataset(train_dataset)
+        self.rows = filter_long_prompts(rows, tokenizer, config.max_prompt_length, config.long_prompts)
+        self.run_dir = Path(run_dir) if run_dir else None
+        seed_everything(config.seed)
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("the model has no trainable parameters (load it with lora_r > 0, or unfreeze it)")
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        device = model_device(model)
+        # fp16 compute (T4) needs loss scaling so small LoRA gradients do not underflow
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
+                                           and compute_dtype(device) == torch.float16)
+        self._run_dir_checked = False  # config.json compared (or written) once per trainer
+        self.step_count = 0  # completed steps
+        self.data_position = 0  # prompts consumed, across epochs
+
+    # ------------------------------------------------------------------------------------------
+    # data order: a fresh seeded permutation per epoch, so a resume can recompute it
+    # ------------------------------------------------------------------------------------------
+
+    def next_rows(self) -> list[dict]:
+        n, k = len(self.rows), self.config.prompts_per_step
+        out = []
+        for pos in range(self.data_position, self.data_position + k):
+            epoch, i = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            out.append(self.rows[perm[i]])
+        self.data_position += k
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+    # ------------------------------------------------------------------------------------------
+
+    def step(self) -> StepRecord:
+        """Run one GRPO step and return its record (not written anywhere: train() does that)."""
+        c = self.config
+        t0 = time.perf_counter()
+        rows = self.next_rows()
+        G = c.num_generations
+
+        # 1) sample G completions per prompt
+        rollout = sample_groups(self.model, self.tokenizer, [r["prompt"] for r in rows], G,
+                                c.max_completion_length, c.temperature, c.top_p)
+        t_gen = time.perf_counter()
+
+        # 2) rewards [N, F] and their weighted total [N]
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        scores = score_completions(self.reward_funcs, rollout.expanded_prompts(), rollout.completion_texts,
+                                   columns, self.reward_weights, c.reward_timeout_s, G)
+
+        # 3) group-relative advantages [groups, G] -> [N]
+        rewards = scores.total.reshape(-1, G)
+        adv, zero_std = group_advantages(rewards, c.scale_rewards)
+        advantages = adv.reshape(-1).to(model_device(self.model))
+        t_score = time.perf_counter()
+
+        # 4) + 5) reference / old log-probs, then mu updates
+        try:
+            train_stats, token_stats = self._update(rollout, advantages)
+        except torch.OutOfMemoryError as e:
+            raise StepOOMError(self._oom_advice()) from e
+        t_train = time.perf_counter()
+
+        # 6) the record
+        self.step_count += 1
+        metrics = {**advantage_stats(rewards, adv, zero_std), **train_stats}
+        for f, name in enumerate(scores.names):
+            col = scores.per_func[:, f]
+            metrics[f"reward/{name}/mean"] = col.nanmean().item() if (~col.isnan()).any() else float("nan")
+        lengths = rollout.lengths.float()
+        generated = int(lengths.sum())
+        metrics.update({
+            "completion/mean_length": lengths.mean().item(),
+            "completion/truncated_frac": rollout.truncated.float().mean().item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
+            "time/step_s": t_train - t0, "tokens/generated": generated,
+            "tokens/generate_per_s": generated / max(t_gen - t0, 1e-9),
+        })
+        return StepRecord(
+            step=self.step_count, prompts=rollout.prompts, completions=rollout.completion_texts,
+            reward_names=scores.names, rewards=scores.as_lists(), reward_weights=scores.weights.tolist(),
+            total=scores.total.tolist(), advantages=adv.reshape(-1).tolist(),
+            truncated=rollout.truncated.tolist(), lengths=rollout.lengths.tolist(), num_generations=G,
+            metrics=metrics, answers=[r.get("answer") for r in rows],
+            tokens=self._token_strings(rollout), token_stats=token_stats)
+
+    def _logps(self, rollout, idx: torch.Tensor, model=None) -> torch.Tensor:
+        c = self.config
+        # the KV-cache trick needs use_cache, which gradient checkpointing switches off
+        share = c.share_prompt_forward and not c.gradient_checkpointing
+        return rollout_logps(model or self.model, rollout, idx, c.temperature, c.logprob_chunk_size, share)
+
+    def _microbatches(self, N: int) -> list[torch.Tensor]:
+        return list(torch.arange(N).chunk(self.config.gradient_accumulation_steps))
+
+    @torch.no_grad()
+    def _frozen_logps(self, rollout, reference: bool) -> torch.Tensor:
+        """[N, T] log-probs without gradient: the reference policy (adapters off) or the sampling policy."""
+        micro = self._microbatches(rollout.completion_ids.size(0))
+        if not reference:
+            return torch.cat([self._logps(rollout, idx) for idx in micro])
+        with reference_mode(self.model, self.ref_model) as ref:
+            return torch.cat([self._logps(rollout, idx, ref) for idx in micro])
+
+    def _update(self, rollout, advantages: torch.Tensor):
+        """mu optimiser updates on one generation batch. If anything fails (e.g. out of memory) the
+        parameters and optimiser are restored, so a step is applied whole or not at all."""
+        c = self.config
+        mask = rollout.completion_mask
+        ref_logps = self._frozen_logps(rollout, reference=True) if c.beta != 0 else None
+        old_logps = self._frozen_logps(rollout, reference=False) if c.num_iterations > 1 else None
+        snapshot = self._snapshot() if c.num_iterations > 1 else None
+        micro = self._microbatches(mask.size(0))
+        totals: dict[str, float] = {}
+        token_logps = torch.zeros_like(mask, dtype=torch.float32)
+        token_ratio = torch.ones_like(mask, dtype=torch.float32)
+        try:
+            for it in range(c.num_iterations):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                for idx in micro:
+                    logps = self._logps(rollout, idx)  # [n, T] with grad
+                    loss, stats = grpo_loss(
+                        logps, None if old_logps is None else old_logps[idx],
+                        None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
+                        loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                        max_completion_length=c.max_completion_length,
+                        **microbatch_normalizers(c.loss_type, mask[idx], mask, len(micro)))
+                    self.scaler.scale(loss).backward()
+                    loss_total += loss.item()
+                    share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
+                    if it == 0:
+                        token_logps[idx] = logps.detach().float()
+                    if it == c.num_iterations - 1 and old_logps is not None:
+                        token_ratio[idx] = torch.exp(logps.detach() - old_logps[idx]).float()
+                grad_norm = self._optimizer_step()
+            totals.update({"loss": loss_total, "grad_norm": grad_norm})
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            if snapshot is not None:
+                self._restore(snapshot)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        token_stats = {"logp": token_logps, "ratio": token_ratio}
+        if ref_logps is not None:
+            delta = ref_logps - token_logps
+            token_stats["kl"] = torch.exp(delta) - delta - 1
+        return totals, self._per_token_lists(token_stats, mask)
+
+    def _optimizer_step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+    def _snapshot(self) -> dict:
+        """Copies of what an update changes (LoRA weights are small: this is cheap)."""
+        return {"params": [p.detach().clone() for p in trainable_parameters(self.model)],
+                "optimizer": _clone(self.optimizer.state_dict()), "scheduler": self.scheduler.state_dict()}
+
+    def _restore(self, snap: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(trainable_parameters(self.model), snap["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+
+    def _oom_advice(self) -> str:
+        c = self.config
+        return (f"out of GPU memory during step {self.step_count + 1}; the step was not applied. Cheaper settings: "
+                f"gradient_accumulation_steps={2 * c.gradient_accumulation_steps} (if it divides "
+                f"{c.batch_size}), num_generations={max(2, c.num_generations // 2)}, max_completion_length="
+                f"{max(16, c.max_completion_length // 2)}, gradient_checkpointing=True, load_in_4bit=True, or a "
+                f"smaller model. `python -m grpo_lib plan` shows the memory of a configuration.")
+
+    def _token_strings(self, rollout) -> list[list[str]]:
+        ids = rollout.completion_ids.tolist()
+        return [[self.tokenizer.decode([t]) for t in row[:n]] for row, n in zip(ids, rollout.lengths.tolist())]
+
+    @staticmethod
+    def _per_token_lists(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, list[list[float]]]:
+        lengths = mask.sum(1).tolist()
+        return {k: [[round(x, 4) for x in row[:n]] for row, n in zip(v.tolist(), lengths)] for k, v in stats.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # the loop, checkpoints and resume
+    # ------------------------------------------------------------------------------------------
+
+    def train(self, on_step=None) -> list[StepRecord]:
+        """Steps until config.max_steps. Each record is appended to run_dir/log.jsonl (flushed) and
+        passed to on_step(record) (e.g. TrainingDashboard.update); checkpoints every save_steps."""
+        c = self.config
+        if self.run_dir is not None and not self._run_dir_checked:
+            self._check_run_config()
+        records = []
+        while self.step_count < c.max_steps:
+            record = self.step()
+            records.append(record)
+            if self.run_dir is not None:
+                runlog.append_record(self.run_dir, record)
+                if (c.save_steps and self.step_count % c.save_steps == 0) or self.step_count == c.max_steps:
+                    self.save_checkpoint()
+            if on_step is not None:
+                on_step(record)
+        if self.run_dir is not None and is_peft(self.model):
+            self.model.save_pretrained(self.run_dir / "adapter")
+        return records
+
+    def _check_run_config(self, force: bool = False, resuming: bool = False) -> None:
+        """Refuse a run directory that belongs to another config, or (without resume) already has steps."""
+        old = runlog.read_run_config(self.run_dir)
+        new = self.config.to_dict()
+        if old is not None and not force:
+            diff = runlog.config_differences(old, new)
+            if diff:
+                raise RunDirError(f"{self.run_dir} holds a run with a different config {diff} (old, new); "
+                                  f"use another run directory, or force=True / --force to continue anyway")
+        if not resuming and self.step_count == 0:
+            entries, _ = runlog.read_log_lines(self.run_dir / runlog.LOG_NAME)
+            if entries:
+                raise RunDirError(f"{self.run_dir} already holds {len(entries)} logged step(s); resume it "
+                                  f"(--resume / trainer.resume()) or choose a new run directory")
+        runlog.write_run_config(self.run_dir, new)
+        self._run_dir_checked = True
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),
+                "trainable": None if is_peft(self.model) else
+                {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}}
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N: the adapter (peft format) + optimizer, scheduler, RNG states, data position."""
+        if self.run_dir is None:
+            raise RunDirError("save_checkpoint needs a run_dir")
+
+        def write(folder: Path):
+            if is_peft(self.model):
+                self.model.save_pretrained(folder / "adapter")
+            torch.save(self.state_dict(), folder / runlog.STATE_NAME)
+
+        return runlog.save_checkpoint(self.run_dir, self.step_count, write, self.config.save_total_limit)
+
+    def resume(self, run_dir: str | None = None, force: bool = False) -> int:
+        """Continue from the last good checkpoint of run_dir: weights, optimiser, scheduler, RNG, data
+        position. Log lines after it are moved to log.dropped.jsonl (they will be redone). Returns the
+        step resumed from (0 if there is no checkpoint: the run starts over)."""
+        self.run_dir = Path(run_dir) if run_dir else self.run_dir
+        if self.run_dir is None:
+            raise RunDirError("resume needs a run_dir")
+        self._check_run_config(force, resuming=True)
+        found = runlog.latest_good_checkpoint(self.run_dir, self._load_checkpoint_files)
+        step = 0
+        if found is not None:
+            folder, state = found
+            self._apply_state(state, folder)
+            step = self.step_count
+        moved = runlog.truncate_log_after(self.run_dir, step)
+        if moved:
+            warnings.warn(f"{moved} run-log line(s) after step {step} moved to {runlog.DROPPED_NAME}; "
+                          f"those steps are redone", stacklevel=2)
+        return step
+
+    def _load_checkpoint_files(self, folder: Path) -> dict:
+        state = torch.load(folder / runlog.STATE_NAME, map_location="cpu", weights_only=False)
+        if is_peft(self.model):
+            from safetensors.torch import load_file
+
+            files = list((folder / "adapter").glob("adapter_model.safetensors"))
+            if not files:
+                raise RunDirError(f"{folder}/adapter has no adapter_model.safetensors")
+            state["adapter"] = load_file(files[0])
+        return state
+
+    def _apply_state(self, state: dict, folder: Path) -> None:
+        if is_peft(self.model):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state["adapter"])
+        else:
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, t in state["trainable"].items():
+                    named[n].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step_count, self.data_position = state["step"], state["data_position"]
+        set_rng_state(state["rng"])
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
