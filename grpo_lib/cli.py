@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
     train_rows = data.load_task(config.task, "train", seed=config.seed, system_prompt=config.system_prompt,
                                 one_shot=config.one_shot)
     eval_rows = data.load_task(config.task, "test", n=config.num_eval_prompts, seed=config.seed,
-                               system_prompt=config.system_prompt, one_shot=config.one_shot)
+                               system_prompt=config.system_prompt,
+                               one_shot=config.one_shot) if config.num_eval_prompts else []
     trainer = GRPOTrainer(model, tokenizer, config=config, train_dataset=train_rows, run_dir=run_dir)
     if args.resume:
         print(f"resumed from step {trainer.resume(force=args.force)}", flush=True)

@@ -145,11 +145,16 @@ def length_reward(max_chars: int = 200, name: str = "length"):
     return reward
 
 
+from . import verify  # noqa: E402  (verify imports this module lazily: no cycle at import time)
+
 REWARD_FUNCS = {
     "format": format_reward,
     "answer": answer_reward,
     "xml_count": xml_count_reward,
     "length": length_reward(),
+    "math_equal": verify.math_answer_reward,
+    "code_tests": verify.code_tests_reward,
+    "code_syntax": verify.code_syntax_reward,
 }
 
 

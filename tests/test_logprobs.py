@@ -1,0 +1,96 @@
+"""Per-token log-probs: the chunked, completion-only, shared-prompt paths equal the straightforward
+full-vocabulary log-softmax, in values and in LoRA gradients."""
+
+import pytest
+import torch
+
+from grpo_lib.logprobs import group_token_logps, per_token_logps, rollout_logps
+from grpo_lib.loss import grpo_loss
+from grpo_lib.sampling import Rollout, completion_mask_from_eos, tokenize_prompts
+
+
+def full_logsoftmax_logps(model, input_ids, attention_mask, T, temperature=1.0):
+    """The straightforward way: all logits, log_softmax over the vocabulary, gather."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits  # [N, L, V]
+    logps = torch.log_softmax(logits[:, -T - 1:-1].float() / temperature, dim=-1)
+    return logps.gather(-1, input_ids[:, -T:, None]).squeeze(-1)
+
+
+def make_rollout(tokenizer, G=3, T=6, seed=0):
+    prompts = ["<|im_start|>user\nWhich is larger, 12 or 40?<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, "cpu")  # left-padded: lengths differ
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 1000, (2 * G, T), generator=g)
+    ids[0, 2] = tokenizer.eos_token_id  # one short completion, the others truncated or ending later
+    ids[4, 4] = tokenizer.eos_token_id
+    mask, truncated = completion_mask_from_eos(ids, [tokenizer.eos_token_id])
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Rollout(prompts, prompt_ids, prompt_mask, ids, mask, [""] * 2 * G, truncated, G)
+
+
+def test_per_token_logps_equals_full_log_softmax(tiny_peft_model, tokenizer):
+    r = make_rollout(tokenizer)
+    idx = torch.arange(6)
+    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    with torch.no_grad():
+        expected = full_logsoftmax_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7)
+        got = per_token_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7, chunk_size=5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    m = r.completion_mask.bool()
+    with torch.no_grad():
+        for share in (True, False):
+            got = rollout_logps(tiny_peft_model, r, idx, 0.7, chunk_size=4, share_prompt=share)
+            torch.testing.assert_close(got[m], expected[m], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_gradients_equal_plain(tiny_peft_model, tokenizer):
+    """The optimised path (shared prompt, chunked head, trimmed padding) gives the same loss and LoRA
+    gradients as the straightforward path."""
+    r = make_rollout(tokenizer)
+    idx = torch.arange(6)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.9, -1.2])
+    params = [p for p in tiny_peft_model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute_logps):
+        logps = compute_logps()
+        ref = logps.detach() - 0.1
+        loss, _ = grpo_loss(logps, None, ref, adv, r.completion_mask, beta=0.04)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    l0, g0 = loss_and_grads(lambda: full_logsoftmax_logps(tiny_peft_model, input_ids, attn, 6))
+    l1, g1 = loss_and_grads(lambda: rollout_logps(tiny_peft_model, r, idx, 1.0, 4, share_prompt=True))
+    l2, g2 = loss_and_grads(lambda: rollout_logps(tiny_peft_model, r, idx, 1.0, 4, share_prompt=False))
+    for loss, grads in ((l1, g1), (l2, g2)):
+        torch.testing.assert_close(loss, l0, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, g0):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g0)
+
+
+def test_group_logps_single_token_completion(tiny_model, tokenizer):
+    prompt = torch.tensor([5, 6, 7, 8])
+    comp = torch.tensor([[9], [10]])
+    with torch.no_grad():
+        got = group_token_logps(tiny_model, prompt, comp)
+        full = torch.log_softmax(tiny_model(input_ids=prompt[None]).logits[0, -1], -1)
+    torch.testing.assert_close(got[:, 0], full[[9, 10]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_subset_indices(tiny_peft_model, tokenizer, share):
+    """A micro-batch of some completions gets the same values as the full batch has for them."""
+    r = make_rollout(tokenizer)
+    with torch.no_grad():
+        full = rollout_logps(tiny_peft_model, r, torch.arange(6), share_prompt=share)
+        part = rollout_logps(tiny_peft_model, r, torch.tensor([2, 3]), share_prompt=share)
+        short = rollout_logps(tiny_peft_model, r, torch.tensor([0]), share_prompt=share)
+    m = r.completion_mask[[2, 3]].bool()
+    torch.testing.assert_close(part[m], full[[2, 3]][m], rtol=1e-5, atol=1e-5)
+    # completion 0 ends with EOS at position 2: no compute past it, zeros in the padding columns
+    torch.testing.assert_close(short[0, :3], full[0, :3], rtol=1e-5, atol=1e-5)
+    assert short.shape == (1, 6) and (short[0, 3:] == 0).all()

@@ -1,0 +1,202 @@
+"""The training loop on a tiny random model: records, mu > 1, micro-batches, checkpoints and resume,
+failures that apply nothing and lose nothing."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from grpo_lib import runlog
+from grpo_lib.advantages import group_advantages
+from grpo_lib.config import GRPOConfig
+from grpo_lib.logprobs import rollout_logps
+from grpo_lib.runlog import RunDirError
+from grpo_lib.trainer import GRPOTrainer, StepOOMError
+from tests.conftest import add_random_lora, make_tiny_llama
+
+PROMPTS = [{"prompt": f"<|im_start|>user\nSay {w}<|im_end|>\n<|im_start|>assistant\n", "answer": w}
+           for w in ("yes", "no", "maybe", "sure", "ok", "fine")]
+
+
+def has_a_vowel_count(prompts, completions, **kw):
+    """A dense toy reward: the share of vowels, so groups have variance."""
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def tiny_config(**kw):
+    base = dict(model="tiny", load_in_4bit=False, lora_r=4, gradient_checkpointing=False, prompts_per_step=2,
+                num_generations=4, max_completion_length=6, learning_rate=5e-3, max_steps=4, save_steps=2,
+                reward_funcs=("format",), max_prompt_length=64, seed=3)
+    return GRPOConfig(**{**base, **kw})
+
+
+def make_trainer(tokenizer, run_dir=None, lora_seed=0, **kw):
+    model = make_tiny_llama(len(tokenizer))  # the same "pretrained" base every time
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = add_random_lora(model, seed=lora_seed)
+    return GRPOTrainer(model, tokenizer, [has_a_vowel_count], tiny_config(**kw), PROMPTS, run_dir=run_dir)
+
+
+def test_step_record_is_consistent(tokenizer):
+    trainer = make_trainer(tokenizer)
+    rec = trainer.step()
+    N, G = 8, 4
+    assert rec.step == 1 and len(rec.completions) == N and rec.num_groups == 2
+    assert rec.reward_names == ["has_a_vowel_count"]
+    totals = torch.tensor(rec.total)
+    assert totals.tolist() == pytest.approx([r[0] for r in rec.rewards])
+    adv, zero = group_advantages(totals.reshape(2, G))
+    assert rec.advantages == pytest.approx(adv.reshape(-1).tolist(), abs=1e-6)
+    assert rec.metrics["adv/zero_std_frac"] == zero.float().mean().item()
+    assert [len(t) for t in rec.tokens] == rec.lengths == [len(x) for x in rec.token_stats["logp"]]
+    assert all(v >= 0 for row in rec.token_stats["kl"] for v in row)  # k3 >= 0
+    assert rec.metrics["kl/mean"] >= 0 and rec.metrics["grad_norm"] > 0
+    json.dumps(rec.to_dict())  # serialisable as strict JSON
+
+
+def test_one_step_raises_probability_of_high_advantage_completions(tokenizer):
+    trainer = make_trainer(tokenizer, beta=0.0, learning_rate=1e-4)
+    captured = {}
+    import grpo_lib.trainer as tr
+
+    original = tr.sample_groups
+
+    def spy(*a, **k):
+        captured["rollout"] = original(*a, **k)
+        return captured["rollout"]
+
+    tr.sample_groups = spy
+    try:
+        rec = trainer.step()
+    finally:
+        tr.sample_groups = original
+    rollout = captured["rollout"]
+    # the same completions scored before (recorded logps) and after the update
+    before = torch.tensor([sum(x) for x in rec.token_stats["logp"]])
+    with torch.no_grad():
+        after = (rollout_logps(trainer.model, rollout, torch.arange(8)) * rollout.completion_mask).sum(1)
+    adv = torch.tensor(rec.advantages)
+    assert not torch.allclose(after, before)
+    # the surrogate the step ascends, J = mean_i A_i * mean_t logp_it, went up
+    lengths = torch.tensor(rec.lengths, dtype=torch.float32)
+    assert (adv * after / lengths).mean() > (adv * before / lengths).mean()
+
+
+def test_microbatches_give_the_same_update(tokenizer):
+    params = []
+    for ga in (1, 2, 4):
+        trainer = make_trainer(tokenizer, gradient_accumulation_steps=ga, loss_type="dapo")
+        trainer.step()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(params[2], params[0], rtol=1e-4, atol=1e-6)
+
+
+def test_mu_two_uses_stored_old_logps(tokenizer):
+    trainer = make_trainer(tokenizer, num_iterations=2, learning_rate=5e-2, epsilon=0.01)
+    rec = trainer.step()
+    ratios = [v for row in rec.token_stats["ratio"] for v in row]
+    assert any(abs(v - 1) > 1e-3 for v in ratios)  # 2nd update sees a policy that moved away from old
+    assert rec.metrics["clip/region"] > 0  # with epsilon=0.01, the second iteration clips
+
+
+def test_out_of_memory_applies_nothing(tokenizer, monkeypatch):
+    trainer = make_trainer(tokenizer, num_iterations=2)
+    before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+    import grpo_lib.trainer as tr
+
+    calls = {"n": 0}
+    original = tr.rollout_logps
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # ref, old, iteration 1 (applied), then iteration 2 fails
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*a, **k)
+
+    monkeypatch.setattr(tr, "rollout_logps", flaky)
+    with pytest.raises(StepOOMError, match="the step was not applied.*gradient_accumulation_steps"):
+        trainer.step()
+    after = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.step_count == 0 and not trainer.optimizer.state_dict()["state"]
+
+
+def rewards_by_step(run_dir):
+    return {r.step: r.total for r in runlog.load_run_log(run_dir)}
+
+
+def test_resume_reproduces_uninterrupted_run(tokenizer, tmp_path):
+    full = tmp_path / "full"
+    make_trainer(tokenizer, run_dir=full).train()
+    part = tmp_path / "part"
+    t = make_trainer(tokenizer, run_dir=part, max_steps=3)  # checkpoint at 2, step 3 logged, then "crash"
+    t.train()
+    assert [d.name for d in runlog.checkpoint_dirs(part)] == ["step-000002", "step-000003"]
+    import shutil
+
+    shutil.rmtree(runlog.checkpoint_dirs(part)[-1])  # as if killed before checkpoint 3 was written
+    resumed = make_trainer(tokenizer, run_dir=part, lora_seed=99)  # other adapters: the checkpoint must win
+    with pytest.warns(UserWarning, match="1 run-log line"):
+        assert resumed.resume() == 2
+    resumed.train()
+    assert [r.step for r in runlog.load_run_log(part)] == [1, 2, 3, 4]
+    dropped, _ = runlog.read_log_lines(part / runlog.DROPPED_NAME)
+    assert [d["step"] for d in dropped] == [3]
+    got, expected = rewards_by_step(part), rewards_by_step(full)
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_damaged_checkpoint_falls_back(tokenizer, tmp_path):
+    make_trainer(tokenizer, run_dir=tmp_path).train()
+    last = runlog.checkpoint_dirs(tmp_path)[-1]
+    adapter = last / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
+    with open(tmp_path / runlog.LOG_NAME, "a") as f:
+        f.write('{"step": 5, "prom')  # a torn last line
+    t = make_trainer(tokenizer, run_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"step-000004 is damaged \(adapter/adapter_model.safetensors has 100 bytes"):
+        assert t.resume() == 2
+    assert [r.step for r in runlog.load_run_log(tmp_path)] == [1, 2]
+
+
+def test_run_dir_of_another_config_is_refused(tokenizer, tmp_path):
+    make_trainer(tokenizer, run_dir=tmp_path, max_steps=2).train()
+    other = make_trainer(tokenizer, run_dir=tmp_path, beta=0.5)
+    with pytest.raises(RunDirError, match=r"different config \{'beta': \(0.04, 0.5\)\}"):
+        other.resume()
+    assert make_trainer(tokenizer, run_dir=tmp_path, beta=0.5).resume(force=True) == 2
+    fresh = make_trainer(tokenizer, run_dir=tmp_path, beta=0.5)
+    with pytest.raises(RunDirError, match="already holds 2 logged step"):
+        fresh.train()
+
+
+def test_failing_reward_loses_nothing(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, run_dir=tmp_path, max_steps=3, save_steps=1)
+    calls = {"n": 0}
+
+    def breaks_on_third_step(prompts, completions, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyError("missing column")
+        return [0.0] * len(completions)
+
+    breaks_on_third_step.__name__ = "breaks_on_third_step"
+    trainer.reward_funcs = [breaks_on_third_step]
+    from grpo_lib.rewards import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match="'breaks_on_third_step' raised KeyError"):
+        trainer.train()
+    assert [r.step for r in runlog.load_run_log(tmp_path)] == [1, 2]
+    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000001", "step-000002"]
+
+
+def test_dataset_without_prompt_column(tokenizer):
+    from grpo_lib.data import DataError
+
+    model = add_random_lora(make_tiny_llama(len(tokenizer)))
+    with pytest.raises(DataError, match="row 0 has no 'prompt' column"):
+        GRPOTrainer(model, tokenizer, ["format"], tiny_config(), [{"question": "hi"}])
