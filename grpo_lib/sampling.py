@@ -120,8 +120,6 @@ def sample_groups(model, tokenizer, prompts: list, num_generations: int, max_com
     prompts: [groups] chat message lists or already formatted strings.
     Returns a Rollout with completion tensors [N = groups * G, T <= max_completion_length].
     """
-    if num_generations < 2:
-        raise ValueError(f"num_generations={num_generations}: a group needs at least 2 completions")
     texts = [format_prompt(tokenizer, p) for p in prompts]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, model_device(model))  # [groups, P]
     with eval_mode(model):
