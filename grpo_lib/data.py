@@ -158,8 +158,9 @@ def format_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def check_dataset(rows, prompt_column: str = "prompt") -> list[dict]:
-    """Validate a train/eval dataset (list of dicts or a datasets.Dataset) and return it as a list."""
+def check_dataset(rows, prompt_column: str = "prompt", required_columns: tuple[str, ...] = ()) -> list[dict]:
+    """Validate a train/eval dataset (list of dicts or a datasets.Dataset) and return it as a list.
+    required_columns: columns the reward functions read (e.g. "answer")."""
     if rows is None:
         raise DataError("the dataset is None; pass a list of rows or a datasets.Dataset")
     rows = [dict(r) for r in rows]
@@ -169,6 +170,10 @@ def check_dataset(rows, prompt_column: str = "prompt") -> list[dict]:
         if prompt_column not in r:
             raise DataError(f"row {i} has no {prompt_column!r} column (columns: {sorted(r)}); "
                             f"rename the column holding the prompt to {prompt_column!r}")
+        missing = [c for c in required_columns if c not in r]
+        if missing:
+            raise DataError(f"row {i} has no {missing[0]!r} column (columns: {sorted(r)}), which the reward "
+                            f"functions read; add it or choose other reward functions")
         p = r[prompt_column]
         if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) and "content" in m
                                                                      for m in p))):

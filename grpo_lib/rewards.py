@@ -117,6 +117,7 @@ def answer_reward(prompts, completions, answer=None, **columns):
 
 
 answer_reward.__name__ = "answer"
+answer_reward.required_columns = ("answer",)  # the dataset columns it reads, checked by the trainer
 
 
 def xml_count_reward(prompts, completions, **columns):
@@ -169,6 +170,11 @@ def resolve_reward_funcs(funcs) -> list:
         else:
             raise ValueError(f"unknown reward function {f!r}; known: {sorted(REWARD_FUNCS)} (or pass a callable)")
     return out
+
+
+def required_columns(funcs) -> tuple[str, ...]:
+    """Dataset columns the reward functions declare they read (attribute `required_columns`)."""
+    return tuple(sorted({c for f in funcs for c in getattr(f, "required_columns", ())}))
 
 
 def reward_name(fn) -> str:

@@ -28,7 +28,7 @@ from .data import check_dataset, filter_long_prompts
 from .logprobs import rollout_logps
 from .loss import grpo_loss, microbatch_normalizers
 from .models import compute_dtype, is_peft, model_device, reference_mode, trainable_parameters
-from .rewards import resolve_reward_funcs, reward_name, score_completions
+from .rewards import required_columns, resolve_reward_funcs, score_completions
 from .runlog import RunDirError, StepRecord
 from .sampling import sample_groups
 
@@ -96,7 +96,7 @@ class GRPOTrainer:
         if config.beta != 0 and ref_model is None and not is_peft(model):
             raise ValueError("beta > 0 needs a reference policy: use a LoRA model (adapters off = reference) "
                              "or pass ref_model=, or set beta=0")
-        rows = check_dataset(train_dataset)
+        rows = check_dataset(train_dataset, required_columns=required_columns(self.reward_funcs))
         self.rows = filter_long_prompts(rows, tokenizer, config.max_prompt_length, config.long_prompts)
         self.run_dir = Path(run_dir) if run_dir else None
         seed_everything(config.seed)

@@ -350,6 +350,7 @@ def make_math_answer_reward(percent_ok: bool = False, backend: str | None = None
         return out
 
     reward.__name__ = name
+    reward.required_columns = ("answer",)  # checked against the dataset by the trainer
     return reward
 
 
@@ -454,6 +455,7 @@ def make_code_tests_reward(limits: sandbox.SandboxLimits | None = None, max_work
         return [None if r is None else r.fraction for r in results]
 
     reward.__name__ = name
+    reward.required_columns = ("tests",)  # checked against the dataset by the trainer
     return reward
 
 

@@ -200,3 +200,6 @@ def test_dataset_without_prompt_column(tokenizer):
     model = add_random_lora(make_tiny_llama(len(tokenizer)))
     with pytest.raises(DataError, match="row 0 has no 'prompt' column"):
         GRPOTrainer(model, tokenizer, ["format"], tiny_config(), [{"question": "hi"}])
+    with pytest.raises(DataError, match="row 1 has no 'answer' column.*which the reward functions read"):
+        GRPOTrainer(model, tokenizer, ["format", "answer"], tiny_config(), [{"prompt": "a", "answer": "1"},
+                                                                           {"prompt": "b"}])
