@@ -59,8 +59,6 @@ def cmd_train(args) -> int:
     trainer = GRPOTrainer(model, tokenizer, config=config, train_dataset=train_rows, run_dir=run_dir)
     if args.resume:
         print(f"resumed from step {trainer.resume(force=args.force)}", flush=True)
-    elif args.force:
-        trainer._check_run_config(force=True)
 
     before = _cached_eval(run_dir / "eval_before.json", lambda: evaluation.evaluate(
         model, tokenizer, eval_rows, config.max_completion_length)) if eval_rows else None
@@ -69,7 +67,9 @@ def cmd_train(args) -> int:
               f"on {before['n']} held-out prompts", flush=True)
     from .widgets import TrainingDashboard
 
-    trainer.train(on_step=TrainingDashboard(config.max_steps, start=trainer.step_count).update)
+    dashboard = TrainingDashboard(config.max_steps)
+    trainer.train(on_step=dashboard.update)
+    dashboard.close()
     if eval_rows:
         after = evaluation.evaluate(model, tokenizer, eval_rows, config.max_completion_length)
         _write_json(run_dir / "eval_after.json", after)
@@ -129,7 +129,8 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "train":
             s.add_argument("--run-dir", required=True, help="where the run log, checkpoints and plots go")
             s.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
-            s.add_argument("--force", action="store_true", help="accept a run dir made with another config")
+            s.add_argument("--force", action="store_true", help="with --resume: accept a run dir made with "
+                           "another config")
     return p
 
 
