@@ -1,0 +1,196 @@
+"""Matplotlib figures of step records and run logs: one function per figure, each returns the Figure.
+
+The figures only read records (never mutate them). They are built with pyplot and then released
+from it (`plt.close`), so a notebook shows a returned figure exactly once and a long run that
+redraws every step does not accumulate open figures.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+
+import matplotlib.pyplot as plt
+import torch
+
+from .advantages import group_advantages
+from .runlog import StepRecord, load_run_log, metrics_table
+
+POSITIVE_COLOR = "tab:green"  # advantage > 0: this completion is reinforced
+NEGATIVE_COLOR = "tab:red"  # advantage < 0: this completion is discouraged
+ZERO_COLOR = "tab:gray"  # advantage == 0: no gradient from this completion
+BEFORE_COLOR, AFTER_COLOR = "tab:gray", "tab:blue"
+
+# (panel title, metric keys or fnmatch patterns); a panel whose keys are all missing is skipped
+CURVE_PANELS = (
+    ("reward (mean)", ("reward/mean", "reward/*/mean")),
+    ("reward std", ("reward/std",)),
+    ("zero-variance groups (fraction)", ("adv/zero_std_frac",)),
+    ("KL to reference", ("kl/mean",)),
+    ("completion length (tokens)", ("completion/mean_length",)),
+    ("truncated completions (fraction)", ("completion/truncated_frac",)),
+    ("clip fractions", ("clip/low", "clip/high", "clip/region")),
+    ("learning rate", ("lr",)),
+)
+
+# (key in evaluate()'s dict, axis label)
+EVAL_METRICS = (("format", "format"), ("accuracy", "accuracy"), ("reward/mean", "mean reward"))
+
+
+def as_records(records_or_path) -> list[StepRecord]:
+    """A StepRecord, a list of them, a run directory or a log.jsonl path -> a list of StepRecords."""
+    if isinstance(records_or_path, StepRecord):
+        return [records_or_path]
+    if isinstance(records_or_path, (str, os.PathLike)):
+        return load_run_log(records_or_path)
+    return list(records_or_path)
+
+
+def ema(values: list[float], smoothing: float = 0.6) -> list[float]:
+    """Exponential moving average s_t = smoothing * s_{t-1} + (1 - smoothing) * x_t, with s_0 = x_0."""
+    out: list[float] = []
+    for x in values:
+        out.append(x if not out else smoothing * out[-1] + (1 - smoothing) * x)
+    return out
+
+
+def _subplots(nrows: int, ncols: int, figsize: tuple[float, float], **kwargs):
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **kwargs)
+    plt.close(fig)  # released from pyplot: see the module docstring
+    return fig, axes.ravel()
+
+
+def _grid(n: int, max_cols: int) -> tuple[int, int]:
+    ncols = max(1, min(n, max_cols))
+    return math.ceil(n / ncols), ncols
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages of one step
+# ----------------------------------------------------------------------------------------------
+
+
+def _sign_color(a: float) -> str:
+    return POSITIVE_COLOR if a > 0 else NEGATIVE_COLOR if a < 0 else ZERO_COLOR
+
+
+def _draw_group(ax, record: StepRecord, g: int, zero_std: bool) -> None:
+    """One group's G bars: height = advantage, colour = its sign, label = total reward, hatch = truncated."""
+    sl = record.group_slice(g)
+    advantages, totals, truncated = record.advantages[sl], record.total[sl], record.truncated[sl]
+    bars = ax.bar(range(len(advantages)), advantages, color=[_sign_color(a) for a in advantages])
+    for bar, cut in zip(bars, truncated):
+        bar.set_hatch("//" if cut else None)
+    ax.bar_label(bars, labels=[f"{t:.3g}" for t in totals], padding=2, fontsize=8)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.margins(y=0.2)  # room for the labels
+    ax.set_xticks(range(len(advantages)))
+    gold = record.answers[g] if g < len(record.answers) and record.answers[g] is not None else None
+    ax.set_title(f"group {g}" + (f" (gold {gold})" if gold is not None else ""), fontsize=9)
+    if zero_std:
+        ax.set_facecolor("#eeeeee")
+        ax.text(0.5, 0.95, "zero variance: no gradient", transform=ax.transAxes, ha="center", va="top",
+                fontsize=8, color="dimgray", gid="zero-variance")
+
+
+def plot_group_advantages(record: StepRecord, max_groups: int | None = None):
+    """Per prompt of one step, its G completions as bars of their advantage, coloured by sign and
+    labelled with their total reward; zero-variance groups are greyed and marked, truncated bars hatched."""
+    G = record.num_generations
+    totals = torch.tensor(record.total, dtype=torch.float32).view(-1, G)  # [groups, G]
+    _, zero_std = group_advantages(totals)  # [groups] bool; scale does not change which groups are flat
+    n = record.num_groups if max_groups is None else min(max_groups, record.num_groups)
+    nrows, ncols = _grid(n, max_cols=4)
+    fig, axes = _subplots(nrows, ncols, (3.2 * ncols, 2.6 * nrows + 0.6), sharey=True)
+    for g, ax in enumerate(axes):
+        if g < n:
+            _draw_group(ax, record, g, bool(zero_std[g]))
+        else:
+            ax.remove()
+    for ax in axes[::ncols][:nrows]:
+        ax.set_ylabel("advantage")
+    fig.suptitle(f"step {record.step}: advantage per completion (label = reward, hatched = truncated); "
+                 f"{int(zero_std.sum())}/{record.num_groups} groups with zero variance", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# training curves of a run
+# ----------------------------------------------------------------------------------------------
+
+
+def _series_label(key: str) -> str:
+    """reward/mean -> total, reward/format/mean -> format, anything else unchanged."""
+    if key == "reward/mean":
+        return "total"
+    parts = key.split("/")
+    return parts[1] if parts[0] == "reward" and parts[-1] == "mean" and len(parts) == 3 else key
+
+
+def _panel_keys(patterns: tuple[str, ...], table: dict[str, list[float]]) -> list[str]:
+    keys: list[str] = []
+    for pattern in patterns:
+        keys += [k for k in sorted(fnmatch.filter(table, pattern)) if k not in keys and k != "step"]
+    return [k for k in keys if any(math.isfinite(v) for v in table[k])]
+
+
+def _draw_series(ax, steps: list[float], values: list[float], key: str, color, smoothing: float) -> None:
+    """Raw points faintly, their EMA as a line; missing (NaN) points are left out of both."""
+    xs, ys = zip(*[(s, v) for s, v in zip(steps, values) if math.isfinite(v)])
+    ax.plot(xs, ys, ".", color=color, alpha=0.35, markersize=4, gid=f"{key}:raw")
+    ax.plot(xs, ema(list(ys), smoothing), "-", color=color, linewidth=1.5, label=_series_label(key),
+            gid=f"{key}:ema")
+
+
+def plot_training_curves(records_or_run_dir, smoothing: float = 0.6):
+    """The run's metrics against step, one panel per quantity (see CURVE_PANELS): EMA-smoothed
+    lines over the raw points. Metrics that were never logged are skipped."""
+    table = metrics_table(as_records(records_or_run_dir))
+    panels = [(title, keys) for title, patterns in CURVE_PANELS if (keys := _panel_keys(patterns, table))]
+    nrows, ncols = _grid(len(panels) or 1, max_cols=3)
+    fig, axes = _subplots(nrows, ncols, (4.2 * ncols, 2.8 * nrows))
+    if not panels:
+        axes[0].text(0.5, 0.5, "no metrics recorded yet", ha="center", va="center")
+        axes[0].set_axis_off()
+    for ax, (title, keys) in zip(axes, panels):
+        for i, key in enumerate(keys):
+            _draw_series(ax, table["step"], table[key], key, f"C{i}", smoothing)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in axes[max(len(panels), 1):]:
+        ax.remove()
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation before / after training
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_eval_comparison(before: dict, after: dict, labels: tuple[str, str] = ("before", "after")):
+    """Side-by-side bars of evaluate()'s format rate, accuracy and mean reward, before and after training."""
+    shown = [(key, name) for key, name in EVAL_METRICS if before.get(key) is not None or after.get(key) is not None]
+    if not shown:
+        raise ValueError(f"neither result has any of the keys {[k for k, _ in EVAL_METRICS]}; "
+                         f"pass the dicts returned by grpo_lib.eval.evaluate()")
+    fig, axes = _subplots(1, 1, (1.8 * len(shown) + 2.5, 3.4))
+    ax = axes[0]
+    for offset, result, label, color in ((-0.2, before, labels[0], BEFORE_COLOR), (0.2, after, labels[1], AFTER_COLOR)):
+        xs = [x + offset for x, (key, _) in enumerate(shown) if result.get(key) is not None]
+        values = [float(result[key]) for key, _ in shown if result.get(key) is not None]
+        bars = ax.bar(xs, values, width=0.4, color=color, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
+    ax.set_xticks(range(len(shown)), [name for _, name in shown])
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)
+    n = after.get("n", before.get("n"))
+    ax.set_title("evaluation" + (f" on {n} prompts" if n is not None else ""), fontsize=10)
+    fig.tight_layout()
+    return fig

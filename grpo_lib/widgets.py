@@ -1,0 +1,341 @@
+"""ipywidgets over step records: the completion inspector, the reward playground, the live dashboard.
+
+Each widget reads StepRecords (or a run log) and calls the core (rewards, advantages, plots); the core
+never imports this module. Every widget keeps its controls as attributes (`inspector.step`,
+`playground.sliders["format"]`) and its computed state as plain attributes, so a test drives it as a
+user would and asserts the numbers. Display one by making it the last expression of a cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import math
+import re
+
+import ipywidgets as W
+import torch
+
+from .advantages import SCALES, group_advantages
+from .plots import as_records, plot_group_advantages, plot_training_curves
+from .rewards import RewardFunctionError, regex_reward, resolve_reward_funcs, reward_name, score_completions
+from .runlog import StepRecord
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, Colab, VS Code), where widgets render; False in a
+    terminal, a script or plain IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib figure as PNG bytes (for an ipywidgets.Image)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else "..." + text[-(n - 3):]  # the end of a chat prompt is the question
+
+
+class _Displayable:
+    """Shows `self.widget` when the object is the last expression of a notebook cell."""
+
+    widget: W.Widget
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# completion inspector
+# ----------------------------------------------------------------------------------------------
+
+FILTERS = ("all", "best", "worst", "truncated")
+TOKEN_QUANTITIES = (("none", ""), ("log-probability", "logp"), ("ratio to old policy", "ratio"),
+                    ("KL to reference", "kl"))
+RATIO_FULL_COLOUR = 0.2  # |ratio - 1| at which a token is fully coloured: the usual clip epsilon
+COLOUR_LEGENDS = {
+    "logp": "red: unlikely tokens (opacity 1 - p)",
+    "ratio": f"blue: ratio > 1, orange: ratio < 1, full at |ratio - 1| = {RATIO_FULL_COLOUR}",
+    "kl": "purple: KL to the reference, full at the largest on screen = {kl_scale:.3g}",
+}
+
+
+def select_completions(record: StepRecord, group: int, how: str) -> list[int]:
+    """Indices (into the step's N completions) of group `group` kept by the filter `how`:
+    all, best / worst (every completion with the group's highest / lowest total), truncated."""
+    if how not in FILTERS:
+        raise ValueError(f"filter {how!r}; choose one of {FILTERS}")
+    idx = list(range(record.num_generations * group, record.num_generations * (group + 1)))
+    if how == "truncated":
+        return [i for i in idx if record.truncated[i]]
+    if how in ("best", "worst"):
+        target = (max if how == "best" else min)(record.total[i] for i in idx)
+        return [i for i in idx if record.total[i] == target]
+    return idx
+
+
+def token_colour(quantity: str, value: float | None, kl_scale: float = 1.0) -> str:
+    """CSS background of one token. logp: red with opacity 1 - p (unlikely tokens stand out);
+    ratio: blue above 1, orange below, full at |ratio - 1| = 0.2; kl: purple, full at kl_scale."""
+    if value is None or not math.isfinite(value):
+        return "transparent"
+    if quantity == "logp":
+        rgb, alpha = (214, 39, 40), 1.0 - math.exp(min(value, 0.0))
+    elif quantity == "ratio":
+        rgb, alpha = ((31, 119, 180) if value > 1 else (255, 127, 14)), abs(value - 1.0) / RATIO_FULL_COLOUR
+    else:
+        rgb, alpha = (148, 103, 189), value / kl_scale
+    return f"rgba({rgb[0]},{rgb[1]},{rgb[2]},{min(max(alpha, 0.0), 1.0):.2f})"
+
+
+def _tokens_html(tokens: list[str], values: list, quantity: str, kl_scale: float) -> str:
+    spans = [f'<span title="{quantity}={"n/a" if v is None else f"{v:.4g}"}" '
+             f'style="background:{token_colour(quantity, v, kl_scale)}">{html.escape(t)}</span>'
+             for t, v in zip(tokens, values)]
+    return "".join(spans)
+
+
+def _text_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> str:
+    """The completion, its tokens coloured by `quantity` when the record stored it for every token."""
+    values = record.token_stats.get(quantity, []) if quantity else []
+    if quantity and i < len(values) and i < len(record.tokens) and len(values[i]) == len(record.tokens[i]) > 0:
+        return _tokens_html(record.tokens[i], values[i], quantity, kl_scale)
+    note = f'<i style="color:gray">(no per-token {quantity} stored)</i>\n' if quantity else ""
+    return note + html.escape(record.completions[i])
+
+
+def _card_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> str:
+    """One completion: its total, advantage, per-function rewards (weighted sum = total) and text."""
+    j = i - record.num_generations * (i // record.num_generations)
+    adv = record.advantages[i]
+    colour = "green" if adv > 0 else "red" if adv < 0 else "gray"
+    flag = ' <span style="color:#b00">truncated</span>' if record.truncated[i] else ""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td>"
+                   f"<td>{'n/a' if r is None else f'{r:.4g}'}</td></tr>"
+                   for name, w, r in zip(record.reward_names, record.reward_weights, record.rewards[i]))
+    return (f'<div class="grpo-card" data-index="{i}" style="flex:1 1 200px;min-width:180px;border:1px solid #ccc;'
+            f'border-radius:4px;padding:6px">'
+            f"<b>#{j}</b> total <b>{record.total[i]:.4g}</b> advantage "
+            f'<b style="color:{colour}">{adv:+.3f}</b> &middot; {record.lengths[i]} tokens{flag}'
+            f'<table style="font-size:90%">{rows}</table>'
+            f'<div style="white-space:pre-wrap;font-family:monospace;font-size:90%">'
+            f"{_text_html(record, i, quantity, kl_scale)}</div></div>")
+
+
+def _max_token_value(record: StepRecord, quantity: str, indices: list[int]) -> float:
+    values = record.token_stats.get(quantity, [])
+    return max([v for i in indices if i < len(values) for v in values[i] if v is not None] + [1e-8])
+
+
+class CompletionInspector(_Displayable):
+    """Pick a step and a prompt; its G completions side by side with their per-function rewards,
+    total and advantage; filter to best / worst / truncated; colour tokens by logp, ratio or KL."""
+
+    def __init__(self, run_log_or_records):
+        self.records = {r.step: r for r in as_records(run_log_or_records)}
+        if not self.records:
+            raise ValueError("no step records to inspect; pass a run directory with a non-empty log.jsonl")
+        steps = list(self.records)
+        self.step = W.Dropdown(options=steps, value=steps[-1], description="step")
+        self.prompt = W.Dropdown(description="prompt", layout=W.Layout(width="480px"))
+        self.filter = W.ToggleButtons(options=FILTERS, value="all", description="show")
+        self.colour_by = W.Dropdown(options=TOKEN_QUANTITIES, value="", description="colour by")
+        self.html = W.HTML()
+        self.shown: list[int] = []  # completion indices currently displayed
+        self.step.observe(self._on_step, "value")
+        for control in (self.prompt, self.filter, self.colour_by):
+            control.observe(self._render, "value")
+        self._on_step()
+        self.widget = W.VBox([W.HBox([self.step, self.prompt]), W.HBox([self.filter, self.colour_by]), self.html])
+
+    @property
+    def record(self) -> StepRecord:
+        return self.records[self.step.value]
+
+    def _on_step(self, change=None) -> None:
+        self.prompt.options = [(f"{g}: {_shorten(p)}", g) for g, p in enumerate(self.record.prompts)]
+        self.prompt.value = 0
+        self._render()
+
+    def _render(self, change=None) -> None:
+        record, g, quantity = self.record, self.prompt.value, self.colour_by.value
+        self.shown = select_completions(record, g, self.filter.value)
+        kl_scale = _max_token_value(record, "kl", self.shown)  # KL is coloured relative to the largest on screen
+        gold = record.answers[g] if g < len(record.answers) else None
+        legend = f" &middot; {COLOUR_LEGENDS[quantity].format(kl_scale=kl_scale)}" if quantity else ""
+        head = (f"<details><summary>prompt{'' if gold is None else f' (gold answer {html.escape(str(gold))})'}"
+                f"{legend}</summary><pre style='white-space:pre-wrap'>{html.escape(record.prompts[g])}</pre></details>")
+        cards = "".join(_card_html(record, i, quantity, kl_scale) for i in self.shown) or "<i>no completion matches</i>"
+        self.html.value = f'{head}<div style="display:flex;flex-wrap:wrap;gap:6px">{cards}</div>'
+
+
+# ----------------------------------------------------------------------------------------------
+# reward playground
+# ----------------------------------------------------------------------------------------------
+
+REGEX_NAME = "regex"
+
+
+class RewardPlayground(_Displayable):
+    """Re-score a step's stored completions as you change the reward: a weight slider and an on/off
+    toggle per function, plus a regex reward typed in a text box (rewards.regex_reward). Every change
+    re-runs rewards.score_completions and advantages.group_advantages; nothing is generated.
+
+    State after each change: .scores (RewardScores), .totals [N], .advantages [groups, G],
+    .zero_std [groups] bool, .zero_std_count, .error (None, or why the last change was not applied).
+    """
+
+    def __init__(self, records, reward_funcs, weights=None, regex: str = "", scale: str = "group"):
+        self.records = {r.step: r for r in as_records(records)}
+        if not self.records:
+            raise ValueError("no step records to re-score; pass a run directory with a non-empty log.jsonl")
+        self.funcs = {reward_name(f): f for f in resolve_reward_funcs(reward_funcs)}
+        weights = [1.0] * len(self.funcs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.funcs):
+            raise ValueError(f"{len(weights)} weights for the {len(self.funcs)} reward functions {list(self.funcs)}; "
+                             f"pass one weight per function")
+        steps = list(self.records)
+        self.step = W.Dropdown(options=steps, value=steps[-1], description="step")
+        self.scale = W.ToggleButtons(options=SCALES, value=scale, description="std over")
+        self.regex = W.Text(value=regex, placeholder="regex the whole completion must match",
+                            description="regex", continuous_update=False, layout=W.Layout(width="420px"))
+        names = [*self.funcs, REGEX_NAME]
+        self.toggles = {n: W.Checkbox(value=True, description=n, indent=False,
+                                      layout=W.Layout(width="140px")) for n in names}
+        low, high = min(0.0, *weights), max(3.0, *weights)  # the given weights must fit on the sliders
+        self.sliders = {n: W.FloatSlider(value=w, min=low, max=high, step=0.05, description="weight",
+                                         continuous_update=False) for n, w in zip(names, [*weights, 1.0])}
+        self.status = W.HTML()
+        self.image = W.Image(format="png")
+        self.error: str | None = None
+        for control in (self.step, self.scale, self.regex, *self.toggles.values(), *self.sliders.values()):
+            control.observe(self.rescore, "value")
+        self.rescore()
+        if self.error:
+            raise ValueError(self.error)
+        rows = [W.HBox([self.toggles[n], self.sliders[n]] + ([self.regex] if n == REGEX_NAME else [])) for n in names]
+        self.widget = W.VBox([W.HBox([self.step, self.scale]), *rows, self.status, self.image])
+
+    @property
+    def record(self) -> StepRecord:
+        return self.records[self.step.value]
+
+    def _active(self) -> tuple[list, list[float]]:
+        """The switched-on functions (the regex one built from the text box) and their weights."""
+        funcs, weights = [], []
+        for name, toggle in self.toggles.items():
+            if toggle.value and (name != REGEX_NAME or self.regex.value):
+                is_regex = name == REGEX_NAME
+                funcs.append(regex_reward(self.regex.value, name=REGEX_NAME) if is_regex else self.funcs[name])
+                weights.append(self.sliders[name].value)
+        return funcs, weights
+
+    def _score(self, funcs, weights):
+        """score_completions over the step's N completions, prompts and gold answers repeated per completion."""
+        r, G = self.record, self.record.num_generations
+        prompts = [p for p in r.prompts for _ in range(G)]  # [N]
+        columns = {"answer": [a for a in r.answers for _ in range(G)]} if r.answers else {}
+        return score_completions(funcs, prompts, r.completions, columns=columns, weights=weights, num_generations=G)
+
+    def rescore(self, change=None) -> None:
+        """Recompute totals, advantages and zero-variance groups from the controls, then redraw."""
+        try:
+            funcs, weights = self._active()
+            scores = self._score(funcs, weights) if funcs else None
+        except (re.error, RewardFunctionError) as e:  # keep the last good state on screen
+            self.error = f"{type(e).__name__}: {e}"
+            self.status.value = f'<span style="color:#b00">not applied: {html.escape(self.error)}</span>'
+            return
+        self.error, self.scores = None, scores
+        G = self.record.num_generations
+        self.totals = scores.total if scores else torch.zeros(len(self.record.completions))  # [N]
+        # advantages: [groups, G], zero_std: [groups]
+        self.advantages, self.zero_std = group_advantages(self.totals.view(-1, G), scale=self.scale.value)
+        self.zero_std_count = int(self.zero_std.sum())
+        skipped = " (regex empty: skipped)" if self.toggles[REGEX_NAME].value and not self.regex.value else ""
+        self.status.value = f"zero-variance groups: <b>{self.zero_std_count} / {len(self.zero_std)}</b>{skipped}"
+        self.image.value = figure_png(plot_group_advantages(self.rescored_record()))
+
+    def rescored_record(self) -> StepRecord:
+        """A copy of the current step's record carrying the playground's rewards, totals and advantages."""
+        s = self.scores
+        return dataclasses.replace(
+            self.record, reward_names=s.names if s else [], reward_weights=s.weights.tolist() if s else [],
+            rewards=s.as_lists() if s else [[] for _ in self.totals], total=self.totals.tolist(),
+            advantages=self.advantages.flatten().tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# live training dashboard
+# ----------------------------------------------------------------------------------------------
+
+STEP_LINE_METRICS = (("reward/mean", "reward"), ("reward/std", "std"), ("adv/zero_std_frac", "zero-var"),
+                     ("kl/mean", "kl"), ("completion/mean_length", "len"), ("loss", "loss"),
+                     ("time/step_s", "s/step"))
+
+
+def format_step_line(record: StepRecord, total_steps: int) -> str:
+    """'step 3/30  reward 0.5  std 0.31  ...' with the metrics the record has."""
+    parts = [f"step {record.step}/{total_steps}"]
+    parts += [f"{label} {record.metrics[key]:.4g}" for key, label in STEP_LINE_METRICS
+              if record.metrics.get(key) is not None]
+    return "  ".join(parts)
+
+
+class TrainingDashboard(_Displayable):
+    """Live view of a run: `trainer.train(on_step=dashboard.update)`. In a notebook a progress bar,
+    the latest step's line and plot_training_curves redrawn in place (every `plot_every` steps);
+    in a terminal a tqdm bar with one printed line per step. record.step counts completed steps."""
+
+    def __init__(self, total_steps: int, plot_every: int = 1, notebook: bool | None = None):
+        self.total_steps, self.plot_every = total_steps, plot_every
+        self.notebook = in_notebook() if notebook is None else notebook
+        self.records: list[StepRecord] = []
+        self._displayed = False
+        if self.notebook:
+            self.progress = W.IntProgress(value=0, min=0, max=total_steps, description="step")
+            self.line = W.HTML()
+            self.image = W.Image(format="png")
+            self.widget = W.VBox([W.HBox([self.progress, self.line]), self.image])
+        else:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step")
+
+    def _repr_mimebundle_(self, **kwargs):
+        if not self.notebook:
+            return None  # the terminal view is the tqdm bar
+        self._displayed = True
+        return super()._repr_mimebundle_(**kwargs)
+
+    def update(self, record: StepRecord) -> None:
+        """Show one finished step (the trainer's on_step callback)."""
+        self.records.append(record)
+        line = format_step_line(record, self.total_steps)
+        if not self.notebook:
+            self.bar.update(min(record.step, self.total_steps) - self.bar.n)
+            self.bar.write(line)
+            return
+        if not self._displayed:  # created and trained in one cell: show it on the first step
+            from IPython.display import display
+
+            display(self)
+            self._displayed = True
+        self.progress.value = min(record.step, self.total_steps)
+        self.line.value = f"<code>{html.escape(line)}</code>"
+        if len(self.records) % self.plot_every == 0 or record.step >= self.total_steps:
+            self.image.value = figure_png(plot_training_curves(self.records), dpi=70)
+
+    def close(self) -> None:
+        """Close the terminal progress bar (nothing to do in a notebook)."""
+        if not self.notebook:
+            self.bar.close()

@@ -1,0 +1,152 @@
+"""The figures show what the records hold: bar heights, colours, labels, markers and curve data."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+
+from grpo_lib.plots import (  # noqa: E402
+    AFTER_COLOR, BEFORE_COLOR, NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR, ema, plot_eval_comparison,
+    plot_group_advantages, plot_training_curves,
+)
+from grpo_lib.runlog import StepRecord, append_record  # noqa: E402
+
+EPS = 1e-4
+G = 4
+# group 0: [4,0,0,0] mean 1, deviations [3,-1,-1,-1], unbiased std sqrt(12/3) = 2
+# group 1: all equal -> zero variance, advantages exactly 0
+# group 2: [0,1,2,1] mean 1, deviations [-1,0,1,0], unbiased std sqrt(2/3); the middle ones get exactly 0
+TOTALS = [4.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 1.0]
+ADVANTAGES = ([d / (2 + EPS) for d in (3, -1, -1, -1)] + [0.0] * 4
+              + [d / (math.sqrt(2 / 3) + EPS) for d in (-1, 0, 1, 0)])
+TRUNCATED = [False, True, False, False] + [False] * 4 + [False, False, False, True]
+
+
+def step_record(step=1, metrics=None) -> StepRecord:
+    return StepRecord(
+        step=step, prompts=["p0", "p1", "p2"], completions=[f"c{i}" for i in range(12)], reward_names=["r"],
+        rewards=[[t] for t in TOTALS], reward_weights=[1.0], total=list(TOTALS), advantages=list(ADVANTAGES),
+        truncated=list(TRUNCATED), lengths=[5] * 12, num_generations=G, metrics=metrics or {},
+        answers=["7", None, "3"])
+
+
+def zero_variance_marks(ax):
+    return [t for t in ax.texts if t.get_gid() == "zero-variance"]
+
+
+def sign_colour(a):
+    return to_rgba(POSITIVE_COLOR if a > 0 else NEGATIVE_COLOR if a < 0 else ZERO_COLOR)
+
+
+def test_group_advantages_bars_colours_labels_and_markers():
+    record = step_record()
+    before = record.to_dict()
+    fig = plot_group_advantages(record)
+    assert len(fig.axes) == 3
+    for g, ax in enumerate(fig.axes):
+        bars = ax.patches
+        sl = slice(g * G, (g + 1) * G)
+        assert len(bars) == G
+        assert [b.get_height() for b in bars] == pytest.approx(ADVANTAGES[sl])
+        assert [b.get_facecolor() for b in bars] == [sign_colour(a) for a in ADVANTAGES[sl]]
+        assert [float(t.get_text()) for t in ax.texts if t.get_gid() != "zero-variance"] == TOTALS[sl]
+        assert [bool(b.get_hatch()) for b in bars] == TRUNCATED[sl]
+        assert len(zero_variance_marks(ax)) == (1 if g == 1 else 0)
+    assert [ax.get_title() for ax in fig.axes] == ["group 0 (gold 7)", "group 1", "group 2 (gold 3)"]
+    assert "1/3 groups with zero variance" in fig._suptitle.get_text()
+    assert record.to_dict() == before  # never mutates
+
+
+def test_group_advantages_max_groups():
+    fig = plot_group_advantages(step_record(), max_groups=2)
+    assert len(fig.axes) == 2
+    assert sum(len(ax.patches) for ax in fig.axes) == 2 * G
+
+
+def test_ema_by_hand():
+    # s0 = 1; s1 = 0.5*1 + 0.5*3 = 2; s2 = 0.5*2 + 0.5*2 = 2
+    assert ema([1.0, 3.0, 2.0], smoothing=0.5) == [1.0, 2.0, 2.0]
+    assert ema([5.0, 1.0], smoothing=0.0) == [5.0, 1.0]
+    assert ema([], smoothing=0.6) == []
+
+
+CURVE_METRICS = [
+    {"reward/mean": 1.0, "reward/format/mean": 0.0, "kl/mean": 0.1, "lr": 1e-5},
+    {"reward/mean": 3.0, "reward/format/mean": 1.0, "lr": 1e-5},  # no KL logged this step
+    {"reward/mean": 2.0, "reward/format/mean": 1.0, "kl/mean": 0.3, "lr": 1e-5},
+]
+
+
+def line(ax, gid):
+    (found,) = [ln for ln in ax.get_lines() if ln.get_gid() == gid]
+    return list(found.get_xdata()), list(found.get_ydata())
+
+
+def panels(fig):
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def check_curves(fig):
+    axes = panels(fig)
+    assert set(axes) == {"reward (mean)", "KL to reference", "learning rate"}  # missing metrics: no panel
+    reward = axes["reward (mean)"]
+    assert line(reward, "reward/mean:raw") == ([1, 2, 3], [1.0, 3.0, 2.0])
+    assert line(reward, "reward/mean:ema") == ([1, 2, 3], [1.0, 2.0, 2.0])  # smoothing 0.5, by hand above
+    assert line(reward, "reward/format/mean:raw") == ([1, 2, 3], [0.0, 1.0, 1.0])
+    assert line(reward, "reward/format/mean:ema") == ([1, 2, 3], [0.0, 0.5, 0.75])
+    assert [t.get_text() for t in reward.get_legend().get_texts()] == ["total", "format"]
+    kl_x, kl_y = line(axes["KL to reference"], "kl/mean:raw")
+    assert kl_x == [1, 3] and kl_y == pytest.approx([0.1, 0.3])  # the missing step is left out, not 0
+    assert line(axes["KL to reference"], "kl/mean:ema")[1] == pytest.approx([0.1, 0.2])
+    assert line(axes["learning rate"], "lr:raw")[1] == pytest.approx([1e-5] * 3)
+
+
+def curve_records():
+    return [step_record(step=s, metrics=m) for s, m in zip((1, 2, 3), CURVE_METRICS)]
+
+
+def test_training_curves_from_records():
+    records = curve_records()
+    before = [r.to_dict() for r in records]
+    check_curves(plot_training_curves(records, smoothing=0.5))
+    assert [r.to_dict() for r in records] == before
+
+
+def test_training_curves_from_run_dir(tmp_path):
+    for r in reversed(curve_records()):  # load_run_log orders by step
+        append_record(tmp_path, r)
+    check_curves(plot_training_curves(tmp_path, smoothing=0.5))
+    check_curves(plot_training_curves(str(tmp_path / "log.jsonl"), smoothing=0.5))
+
+
+def test_training_curves_all_panels_and_empty():
+    keys = ["reward/mean", "reward/std", "adv/zero_std_frac", "kl/mean", "clip/low", "clip/high", "clip/region",
+            "completion/mean_length", "completion/truncated_frac", "lr", "loss", "grad_norm", "time/step_s"]
+    fig = plot_training_curves([step_record(step=1, metrics={k: 0.5 for k in keys})])
+    assert len(fig.axes) == 8
+    assert len([ln for ln in panels(fig)["clip fractions"].get_lines() if ln.get_gid().endswith(":ema")]) == 3
+    empty = plot_training_curves([])
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no metrics recorded yet"]
+
+
+def test_eval_comparison_bars():
+    before = {"format": 0.25, "accuracy": 0.125, "reward/mean": 0.5, "n": 8}
+    after = {"format": 0.75, "accuracy": 0.5, "reward/mean": 1.5, "n": 8}
+    ax = plot_eval_comparison(before, after).axes[0]
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [0.25, 0.125, 0.5, 0.75, 0.5, 1.5]
+    assert [b.get_facecolor() for b in bars] == [to_rgba(BEFORE_COLOR)] * 3 + [to_rgba(AFTER_COLOR)] * 3
+    assert [float(t.get_text()) for t in ax.texts] == [0.25, 0.125, 0.5, 0.75, 0.5, 1.5]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["format", "accuracy", "mean reward"]
+    assert ax.get_title() == "evaluation on 8 prompts"
+
+
+def test_eval_comparison_missing_metric_and_none():
+    ax = plot_eval_comparison({"format": 0.25, "accuracy": 0.125}, {"format": 0.75}).axes[0]
+    assert [b.get_height() for b in ax.patches] == [0.25, 0.125, 0.75]
+    with pytest.raises(ValueError, match="evaluate"):
+        plot_eval_comparison({"n": 3}, {})
