@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, GRPOConfig
@@ -136,6 +137,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    # peft asks transformers a deprecated question on every forward; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return {"train": cmd_train, "plan": cmd_plan}[args.command](args)
     except ConfigError as e:
