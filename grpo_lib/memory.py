@@ -1,0 +1,515 @@
+"""The peak-memory planner: what one GRPO step of a configuration needs, component by component.
+
+    peak = always-resident (weights, LoRA, gradients, AdamW states, CUDA context)
+           + the largest of the step's phases:
+               generation  KV cache of N = prompts_per_step * G rows of (P + T) tokens + sampling buffers
+               reference   one no-grad forward of a micro-batch (adapters off)
+               training    saved activations of a micro-batch + one chunk of logits in backward
+
+Nothing here allocates: sizes come from the architecture (a built-in table of common models, a
+transformers config, or a loaded model) and the config. The per-token activation counts were read
+off autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) for the code paths of
+grpo_lib.logprobs, and the whole estimate is checked against the measured resident-memory increase
+of real training steps on CPU (tests/test_memory.py, bench/memory_check.py).
+
+A fact worth knowing about QLoRA: peft's prepare_model_for_kbit_training casts every parameter that
+is not 4-bit (embeddings, untied lm_head, norms, biases) to fp32, so the embedding output - and with
+it the whole residual stream, every saved activation and the logits - is fp32 even with fp16/bf16
+compute; bitsandbytes' 4-bit matmuls cast their output back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+GiB = 2**30
+MiB = 2**20
+T4_REPORTED_BYTES = 15 * GiB  # torch / nvidia-smi report ~15 GiB of the T4's "16 GB"
+CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspace + loaded kernels, typical for a T4 under torch
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOGITS_BLOCKS_TRAIN = 4  # [chunk, V] fp32 blocks alive in a chunk's backward (recomputed logits, grads)
+LOGITS_BLOCKS_NO_GRAD = 2  # logits and logits / temperature (measured: 2.1 blocks)
+TIGHT = 0.93  # above this share of the device, PyTorch's caching allocator's fragmentation may tip it over
+SAMPLING_BLOCKS = 4  # [N, V] fp32 blocks per decoding step: logits, copy, processed scores, probabilities
+
+# Typical formatted prompt length (tokens, chat template included, one-shot) per task: the 95th
+# percentile for GSM8K (median 155, max 293), the fixed length of the synthetic tasks. Measured with
+# the SmolLM2 tokenizer; Qwen's and Llama's tokenizers give similar counts on English text.
+TYPICAL_PROMPT_TOKENS = {"gsm8k": 200, "larger": 81, "successor": 78, "addition": 79}
+
+
+# ----------------------------------------------------------------------------------------------
+# architectures
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer with a SwiGLU MLP (Llama, Qwen2, SmolLM2)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder layer."""
+        H, I = self.hidden_size, self.intermediate_size
+        return {"q_proj": (H, self.q_dim), "k_proj": (H, self.kv_dim), "v_proj": (H, self.kv_dim),
+                "o_proj": (self.q_dim, H), "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder linear layers (the ones 4-bit quantisation compresses)."""
+        return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, untied output head, norms and biases (kept out of 4-bit)."""
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        bias = self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.attention_bias else 0
+        return embed + norms + bias
+
+    @property
+    def num_params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, r: int, targets: str = "all-linear") -> int:
+        """r * (in + out) per adapted linear layer, summed over layers."""
+        return self.num_layers * sum(r * (i + o) for n, (i, o) in self.linear_shapes().items()
+                                     if n in lora_targets(targets))
+
+
+def _spec(name, V, H, I, L, nh, nkv, hd, tie, bias=False) -> ModelSpec:
+    return ModelSpec(name, V, H, I, L, nh, nkv, hd, tie, bias)
+
+
+# From each model's config.json on the hub (so planning needs no download).
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
+    _spec("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, 64, True, True),
+    _spec("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
+    _spec("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, 128, True, True),
+    _spec("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 128, False, True),
+    _spec("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, 64, True),
+    _spec("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, 64, True),
+    _spec("SmolLM2-1.7B-Instruct", 49152, 2048, 8192, 24, 32, 32, 64, True),
+    _spec("Llama-3.2-1B-Instruct", 128256, 2048, 8192, 16, 32, 8, 64, True),
+    _spec("Llama-3.2-3B-Instruct", 128256, 3072, 8192, 28, 24, 8, 128, True),
+]}
+
+
+def _key(name: str) -> str:
+    """'Qwen/Qwen2.5-1.5B-Instruct' -> 'qwen2.5-1.5b'; 'smollm2-135m' -> 'smollm2-135m'."""
+    key = name.rstrip("/").split("/")[-1].lower()
+    return key[:-len("-instruct")] if key.endswith("-instruct") else key
+
+
+def lora_targets(targets: str) -> tuple[str, ...]:
+    if targets == "all-linear":
+        return LINEAR_NAMES
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def spec_from_config(hf_config, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a transformers config (LlamaConfig, Qwen2Config, ...)."""
+    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    nh = c.num_attention_heads
+    return ModelSpec(
+        name=name or getattr(c, "name_or_path", "") or getattr(c, "model_type", "model"),
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers, num_heads=nh, num_kv_heads=getattr(c, "num_key_value_heads", None) or nh,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // nh,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        attention_bias=bool(getattr(c, "attention_bias", getattr(c, "model_type", "") == "qwen2")))
+
+
+def model_spec(model_or_spec) -> ModelSpec:
+    """A ModelSpec from a name (built-in table: hub id, short name or the embedded "smollm2-135m"),
+    a local checkpoint folder, a transformers config, or a loaded model (peft-wrapped or not)."""
+    if isinstance(model_or_spec, ModelSpec):
+        return model_or_spec
+    if isinstance(model_or_spec, (str, os.PathLike)):
+        name = str(model_or_spec)
+        table = {_key(k): s for k, s in MODEL_SPECS.items()}
+        if _key(name) in table:
+            return table[_key(name)]
+        if os.path.isfile(os.path.join(name, "config.json")):
+            from transformers import AutoConfig
+
+            return spec_from_config(AutoConfig.from_pretrained(name, local_files_only=True), name)
+        raise ValueError(f"no architecture known for model {name!r}: built in are {sorted(MODEL_SPECS)} "
+                         f"(hub ids, or without '-Instruct'); otherwise pass a local checkpoint folder, "
+                         f"a transformers config (AutoConfig.from_pretrained(...)) or a loaded model")
+    if hasattr(model_or_spec, "num_hidden_layers") or hasattr(model_or_spec, "get_text_config"):
+        return spec_from_config(model_or_spec)
+    if hasattr(model_or_spec, "config"):
+        return spec_from_config(model_or_spec.config)
+    raise TypeError(f"model_or_spec: expected a model name, a transformers config or a model, "
+                    f"got {type(model_or_spec).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimate
+# ----------------------------------------------------------------------------------------------
+
+# what each component is, and when it is alive ("always" or the phase that holds it)
+COMPONENTS = {
+    "weights": ("always", "frozen base weights (nf4 linear layers; embeddings/norms fp32 after kbit prep)"),
+    "lora_params": ("always", "trainable parameters (LoRA adapters, fp32)"),
+    "gradients": ("always", "one gradient per trainable parameter (kept between steps)"),
+    "optimizer_states": ("always", "AdamW exp_avg + exp_avg_sq"),
+    "cuda_context": ("always", "CUDA context, cuBLAS workspace, kernels"),
+    "kv_cache": ("generation", "keys/values of N rows x (prompt + completion) tokens x layers"),
+    "sampling_buffers": ("generation", "per-token [N, vocab] fp32 logits and probabilities"),
+    "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
+    "activations": ("training", "tensors autograd saves for backward, one micro-batch"),
+    "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward"),
+}
+
+
+@dataclass
+class MemoryReport:
+    """Predicted peak memory of one training step. `components` maps a name (see COMPONENTS) to
+    bytes; the peak is the always-resident components plus the largest phase, not their sum."""
+
+    model: str
+    device: str
+    device_bytes: int
+    components: dict[str, int]
+    activations_checkpointing: int  # the training-phase activations with gradient checkpointing ...
+    activations_no_checkpointing: int  # ... and without, whatever the config says
+    settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(b for n, b in self.components.items() if COMPONENTS[n][0] == phase)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        return {p: self.phase_bytes(p) for p in ("generation", "reference", "training")}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def persistent_bytes(self) -> int:
+        return self.phase_bytes("always")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.persistent_bytes + max(self.phases.values())
+
+    @property
+    def step_bytes(self) -> int:
+        """What a step adds to a freshly loaded model: gradients, optimizer states and the largest phase
+        (the figure compared with the measured resident-memory increase on CPU)."""
+        c = self.components
+        return c["gradients"] + c["optimizer_states"] + max(self.phases.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device_bytes
+
+
+def default_device_bytes(device: str = "cuda") -> int:
+    """The detected GPU's total memory; without a GPU, what a Colab T4 reports (15 GiB). For
+    device="cpu": the machine's physical memory."""
+    if device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+    except ImportError:
+        pass
+    return T4_REPORTED_BYTES
+
+
+def microbatch_shape(config) -> tuple[int, int, int]:
+    """(completions, groups touched, largest completions of one group) over the micro-batches of a step:
+    the step's N = prompts_per_step * G completions split into gradient_accumulation_steps slices."""
+    N, G, k = config.batch_size, config.num_generations, config.gradient_accumulation_steps
+    n = N // k
+    slices = [range(i * n, (i + 1) * n) for i in range(k)]
+    groups = max(len({j // G for j in s}) for s in slices)
+    per_group = max(sum(1 for j in s if j // G == g) for s in slices for g in {j // G for j in s})
+    return n, groups, per_group
+
+
+def layer_activation_bytes(spec: ModelSpec, stream_fp32: bool, targets: str, r: int) -> float:
+    """Bytes autograd saves per token in one decoder layer (keys/values of attention excluded).
+
+    Read off saved_tensors_hooks for grpo_lib's paths (Llama layer, SDPA, peft LoRA without dropout;
+    frozen linear layers save nothing, LoRA saves its input and its r-dim hidden):
+      fp32 stream (CPU fp32, or QLoRA after kbit prep):  4 * (6H + 4I + nh) + 4 * r per adapter
+      bf16/fp16 weights + fp32 LoRA (peft casts the LoRA input to fp32, per adapter):
+                                                          36H + 10I + 4 nh + 4 * r per adapter
+    """
+    H, I, nh = spec.hidden_size, spec.intermediate_size, spec.num_heads
+    adapted = lora_targets(targets) if r > 0 else ()
+    lora = 4 * r * len(adapted)
+    if stream_fp32:
+        return 4 * (5 * H + ("o_proj" in adapted) * H + 3 * I + ("down_proj" in adapted) * I + nh) + lora
+    # bf16 stream: norm inputs kept in fp32 (2 x 4H), q and attention output (2 x 2H), gate/silu/up
+    # (3 x 2I), and an fp32 copy of each adapted layer's input (4 x in_features)
+    copies = sum(spec.linear_shapes()[n][0] for n in adapted)
+    return 8 * H + 4 * H + 6 * I + 4 * nh + 4 * copies + lora
+
+
+def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, device: str = "cuda",
+             prompt_length: int | None = None) -> MemoryReport:
+    """Predict the peak memory of one grpo_lib training step of `config` on `model_or_spec`.
+
+    model_or_spec: a name (default config.model), a transformers config, a loaded model or a ModelSpec.
+    device: "cuda" (fp16/bf16 compute, the default: planning for a GPU) or "cpu" (fp32, no CUDA context).
+    device_bytes: memory to compare with (default: the detected GPU, else a T4's 15 GiB; RAM for "cpu").
+    prompt_length: formatted prompt tokens (default: a typical length for config.task, at most
+    config.max_prompt_length; prompts are left-padded to the longest of a step).
+    """
+    spec = model_spec(config.model if model_or_spec is None else model_or_spec)
+    device_bytes = default_device_bytes(device) if device_bytes is None else int(device_bytes)
+    cpu = device == "cpu"
+    P = prompt_length or min(config.max_prompt_length,
+                             TYPICAL_PROMPT_TOKENS.get(config.task, config.max_prompt_length))
+    T, N, r = config.max_completion_length, config.batch_size, config.lora_r
+    wb = 4 if cpu else 2  # bytes of the compute dtype: fp32 on CPU, bf16/fp16 on GPUs
+    four_bit = config.load_in_4bit
+    stream_fp32 = cpu or four_bit  # kbit prep makes the residual stream fp32 (module docstring)
+    notes = []
+
+    # 1) always resident: weights, trainable parameters, their gradients and AdamW states
+    if four_bit:  # kbit prep upcasts every non-4-bit parameter (embeddings, norms, biases) to fp32
+        weights = spec.linear_params * NF4_BYTES_PER_PARAM + spec.other_params * 4
+    else:
+        weights = spec.num_params * wb
+    if r > 0:
+        trainable, train_b = spec.lora_params(r, config.lora_target_modules), 4  # peft keeps adapters fp32
+    else:
+        trainable, train_b = spec.num_params, wb
+        if config.beta != 0:
+            weights += spec.num_params * wb
+            notes.append("lora_r=0 with beta>0: the reference model is a second full copy of the weights")
+    components = {
+        "weights": weights, "lora_params": trainable * train_b if r > 0 else 0,
+        "gradients": trainable * train_b, "optimizer_states": 2 * trainable * train_b,
+        "cuda_context": 0 if cpu else CUDA_CONTEXT_BYTES,
+    }
+
+    # 2) generation: the KV cache of N rows of (P + T) tokens, the sampling buffers of one decoding step
+    components["kv_cache"] = N * (P + T) * spec.num_layers * 2 * spec.kv_dim * (4 if stream_fp32 else wb)
+    components["sampling_buffers"] = SAMPLING_BLOCKS * N * spec.vocab_size * 4
+
+    # 3) reference pass (no grad) and 4) training, one micro-batch each
+    ckpt = config.gradient_checkpointing
+    components["reference_pass"] = _micro_batch(spec, config, P, stream_fp32, ckpt, grad=False)[0]
+    act_ckpt, logits_ckpt = _micro_batch(spec, config, P, stream_fp32, True)
+    act_plain, logits_plain = _micro_batch(spec, config, P, stream_fp32, False)
+    components["activations"] = act_ckpt if ckpt else act_plain
+    components["logits"] = logits_ckpt if ckpt else logits_plain
+
+    if four_bit and not cpu:
+        notes.append(f"embeddings{'' if spec.tie_word_embeddings else ' and lm_head'} are fp32 after peft's "
+                     f"prepare_model_for_kbit_training ({_fmt(spec.other_params * 4)}), and so are activations")
+    if cpu and four_bit:
+        notes.append("4-bit on CPU: bitsandbytes' dequantised temporaries are not counted")
+    n, groups, _ = microbatch_shape(config)
+    return MemoryReport(
+        model=spec.name, device=device, device_bytes=device_bytes,
+        components={k: int(round(v)) for k, v in components.items()},
+        activations_checkpointing=int(act_ckpt), activations_no_checkpointing=int(act_plain),
+        settings={"prompt_tokens": P, "completion_tokens": T, "num_generations": config.num_generations,
+                  "completions": N, "micro_batch": n, "groups_per_micro_batch": groups,
+                  "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                  "gradient_checkpointing": ckpt, "share_prompt_forward": config.share_prompt_forward and not ckpt,
+                  "load_in_4bit": four_bit, "lora_r": r, "trainable_params": trainable,
+                  "params": spec.num_params, "logprob_chunk_size": config.logprob_chunk_size},
+        notes=notes)
+
+
+def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointing: bool,
+                 grad: bool = True) -> tuple[float, float]:
+    """(activation bytes, logits bytes) of one micro-batch through grpo_lib.logprobs.rollout_logps.
+
+    grad=False: the reference pass (no saved tensors: one layer's temporaries, the group's KV cache).
+    grad=True: what autograd saves, plus the gradients of a layer's largest tensors while its backward
+    runs; with checkpointing, each layer's input plus one recomputed layer.
+    """
+    L, V, H, I = spec.num_layers, spec.vocab_size, spec.hidden_size, spec.intermediate_size
+    Hq, Hkv, T = spec.q_dim, spec.kv_dim, config.max_completion_length
+    ab = 4 if stream_fp32 else 2  # bytes per activation element
+    n, groups, per_group = microbatch_shape(config)
+    # the shared-prompt path needs use_cache, which gradient checkpointing switches off (trainer._logps)
+    share = config.share_prompt_forward and not checkpointing
+    tokens = n * T + groups * P if share else n * (P + T)  # tokens one micro-batch runs through the body
+    positions = per_group * T if share else n * T  # completion positions one output-head call scores
+    chunk = min(config.logprob_chunk_size, positions)
+    if not grad:  # the shared-prompt path runs one group at a time, holding its cache for all layers
+        live = per_group * T + P if share else tokens
+        cache = per_group * (P + T) * L * 2 * Hkv * ab if share else 0
+        return live * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4, 0.0
+    per_token = layer_activation_bytes(spec, stream_fp32, config.lora_target_modules, config.lora_r)
+    # keys/values SDPA saves: with an attention mask (always on the shared-prompt path) they are
+    # expanded to all query heads, and each completion row holds its group's prompt keys as well
+    if share:
+        kv = n * (P + T) * 2 * Hq * ab + groups * P * 2 * Hkv * ab
+    else:
+        kv = tokens * 2 * Hq * ab
+    layer = tokens * per_token + kv  # one layer with everything saved
+    outside = tokens * 3 * H * ab  # final norm input/output and the hidden states the head reads
+    backward_tmp = tokens * (2 * I + 2 * H) * ab  # gradients of a layer's largest tensors in its backward
+    if checkpointing:
+        saved = (L + 1) * tokens * H * ab + layer  # layer inputs, and one layer recomputed
+    else:
+        saved = L * layer
+    return saved + outside + backward_tmp, LOGITS_BLOCKS_TRAIN * chunk * V * 4
+
+
+def _fmt(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / MiB:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# the report as a table, and cheaper settings
+# ----------------------------------------------------------------------------------------------
+
+LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
+          "optimizer_states": "AdamW states", "cuda_context": "CUDA context", "kv_cache": "KV cache",
+          "sampling_buffers": "sampling buffers", "reference_pass": "reference forward",
+          "activations": "activations", "logits": "logits chunks"}
+
+
+def format_report(report: MemoryReport) -> str:
+    """The report as a plain-text table: components by phase, the peak and the verdict."""
+    s = report.settings
+    quant = "nf4 4-bit" if s["load_in_4bit"] else ("fp32" if report.device == "cpu" else "bf16/fp16")
+    lines = [
+        f"{report.model} ({s['params'] / 1e9:.2f}B params, {quant}), LoRA r={s['lora_r']} "
+        f"({s['trainable_params'] / 1e6:.1f}M trainable) on {report.device}",
+        f"{s['completions']} completions/step = {s['completions'] // s['num_generations']} prompts x "
+        f"G={s['num_generations']}, prompt ~{s['prompt_tokens']} + completion {s['completion_tokens']} tokens, "
+        f"micro-batch {s['micro_batch']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        f"{', shared prompt forward' if s['share_prompt_forward'] else ''}",
+        "",
+        f"{'component':20} {'alive during':13} {'bytes':>10}",
+    ]
+    for phase in ("always", "generation", "reference", "training"):
+        for name, (when, _) in COMPONENTS.items():
+            if when == phase and (report.components[name] or phase != "always"):
+                lines.append(f"{LABELS[name]:20} {when:13} {_fmt(report.components[name]):>10}")
+    ck, plain = report.activations_checkpointing, report.activations_no_checkpointing
+    lines.append(f"{'':20} (activations {_fmt(plain)} without checkpointing, {_fmt(ck)} with)")
+    phases = report.phases
+    lines += [
+        "-" * 45,
+        f"{'always resident':34} {_fmt(report.persistent_bytes):>10}",
+        *(f"{'+ ' + p + ' phase' + (' (largest)' if p == report.peak_phase else ''):34} {_fmt(b):>10}"
+          for p, b in phases.items()),
+        f"{'predicted peak':34} {_fmt(report.total_bytes):>10}",
+        f"{'device memory':34} {_fmt(report.device_bytes):>10}",
+        f"verdict: {_verdict(report)}",
+    ]
+    lines += [f"note: {n}" for n in report.notes]
+    if not report.fits:
+        lines.append("cheaper settings: grpo_lib.memory.suggest_cheaper(config, model, device_bytes)")
+    return "\n".join(lines)
+
+
+def _verdict(report: MemoryReport) -> str:
+    share = report.total_bytes / report.device_bytes
+    if not report.fits:
+        return f"does NOT fit ({100 * share:.0f}% of the device)"
+    if share > TIGHT:
+        return (f"fits, but tightly ({100 * share:.0f}% of the device): allocator fragmentation can push "
+                f"it over; take one of the cheaper settings to be safe")
+    return f"fits ({100 * share:.0f}% of the device)"
+
+
+def _options(config, spec: ModelSpec) -> list[tuple[dict, str]]:
+    """Single changes that save memory, ordered by how little they change training."""
+    out = []
+    if not config.gradient_checkpointing:
+        out.append(({"gradient_checkpointing": True}, "recompute activations in backward: ~30% slower, same math"))
+    N = config.batch_size
+    for k in (2, 4, 8, 16):
+        gas = config.gradient_accumulation_steps * k
+        if gas <= N and N % gas == 0:
+            out.append(({"gradient_accumulation_steps": gas}, f"{N // gas} completions per micro-batch: same math, "
+                                                              f"somewhat slower"))
+    if config.logprob_chunk_size > 256:
+        out.append(({"logprob_chunk_size": 256}, "fewer [chunk, vocab] logits alive: same math"))
+    if not config.load_in_4bit:
+        out.append(({"load_in_4bit": True}, "nf4 base weights (QLoRA): ~4x smaller weights, slightly different model"))
+    if config.max_completion_length >= 64:
+        out.append(({"max_completion_length": config.max_completion_length // 2},
+                    "shorter completions: long reasoning gets truncated"))
+    if config.num_generations >= 4:
+        out.append(({"num_generations": config.num_generations // 2},
+                    "smaller groups: noisier advantages (keep G >= 4)"))
+    if config.prompts_per_step >= 2:
+        out.append(({"prompts_per_step": config.prompts_per_step // 2}, "fewer prompts per step: noisier gradient"))
+    return out
+
+
+def suggest_cheaper(config, model_or_spec=None, device_bytes: int | None = None, *, device: str = "cuda",
+                    prompt_length: int | None = None) -> list[str]:
+    """Advice: settings that lower the predicted peak, each with its prediction, those that fit first
+    (in order of how little they change training), then a combination if no single change fits, then
+    smaller models of the built-in table that fit."""
+    spec = model_spec(config.model if model_or_spec is None else model_or_spec)
+    kw = {"device": device, "prompt_length": prompt_length}
+    base = estimate(config, spec, device_bytes, **kw)
+    device_bytes = base.device_bytes
+
+    def verdict(r):
+        word = "does not fit" if not r.fits else ("fits tightly" if r.total_bytes > TIGHT * device_bytes else "fits")
+        return f"{_fmt(r.total_bytes)} ({word} in {_fmt(device_bytes)})"
+
+    lines = [f"now: {verdict(base)}"]
+    groups = ([], [], [])  # fits with headroom, fits tightly, does not fit
+    for changes, why in _options(config, spec):
+        r = estimate(config.replace(**changes), spec, device_bytes, **kw)
+        if r.total_bytes < base.total_bytes:
+            rank = 2 if not r.fits else int(r.total_bytes > TIGHT * device_bytes)
+            groups[rank].append(f"{_changes(changes)}: {verdict(r)} - {why}")
+    fitting = groups[0] + groups[1]
+    lines += fitting + groups[2]
+    if not base.fits and not fitting:  # greedily combine the changes, cheapest first
+        combined, cfg = {}, config
+        for changes, _ in _options(config, spec):
+            trial = cfg.replace(**changes)
+            if estimate(trial, spec, device_bytes, **kw).total_bytes < estimate(cfg, spec, device_bytes, **kw).total_bytes:
+                cfg, combined = trial, {**combined, **changes}
+                r = estimate(cfg, spec, device_bytes, **kw)
+                if r.fits:
+                    break
+        lines.append(f"together {_changes(combined)}: {verdict(estimate(cfg, spec, device_bytes, **kw))}")
+    if not base.fits:  # the two largest built-in models that fit
+        smaller = sorted((s for s in MODEL_SPECS.values() if s.num_params < spec.num_params),
+                         key=lambda s: -s.num_params)
+        fit = [(s, r) for s in smaller if (r := estimate(config, s, device_bytes, **kw)).fits]
+        lines += [f"smaller model {s.name}: {verdict(r)}" for s, r in fit[:2]]
+    return lines
+
+
+def _changes(changes: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in changes.items())

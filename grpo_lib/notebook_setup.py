@@ -1,0 +1,106 @@
+"""What every notebook does first: look at the hardware, pick a named preset, build the config.
+
+    preset = choose_preset(PRESET)              # "colab-t4" on a CUDA GPU, else "cpu-tiny"
+    config = notebook_config(preset, model=MODEL, **OVERRIDES)
+    print(hardware_summary()); print(config_summary(config))
+
+The presets themselves are data in grpo_lib.config.PRESETS; this module only chooses one. The choice,
+first match wins: the name passed in (the notebook's PRESET parameter), the GRPO_PRESET environment
+variable (CI sets GRPO_PRESET=cpu-tiny), then the hardware.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from .config import PRESETS, ConfigError, GRPOConfig
+
+REPO_URL = "https://github.com/grpo-workbench/grpo-workbench"
+"""Where the notebooks' install cell fetches grpo_lib from on Colab (outside a clone)."""
+
+ENV_VAR = "GRPO_PRESET"
+GPU_PRESET, CPU_PRESET = "colab-t4", "cpu-tiny"
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_preset(override: str | None = None) -> str:
+    """The preset name: `override`, else $GRPO_PRESET, else "colab-t4" with a CUDA GPU, "cpu-tiny" without."""
+    name = override or os.environ.get(ENV_VAR) or (GPU_PRESET if has_cuda() else CPU_PRESET)
+    if name not in PRESETS:
+        source = "PRESET" if override else f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the hardware"
+        raise ConfigError(f"unknown preset {name!r} (from {source}); choose one of {sorted(PRESETS)}")
+    return name
+
+
+def notebook_config(preset: str, model: str | None = None, **overrides) -> GRPOConfig:
+    """GRPOConfig of a named preset. `model`: any Hugging Face causal LM id or local path (None keeps the
+    preset's model); `overrides`: any other GRPOConfig fields, validated as usual."""
+    if model is not None:
+        overrides["model"] = model
+    return GRPOConfig.preset(preset, **overrides)
+
+
+def hardware_summary() -> str:
+    """One line on what this kernel runs on: the GPU (memory, bf16 or fp16 compute) or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16 (no bf16 on this GPU)"
+        return (f"GPU: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
+                f"{dtype} compute; torch {torch.__version__}")
+    return (f"CPU: {os.cpu_count()} cores ({platform.machine()}), no CUDA GPU, fp32 compute; "
+            f"torch {torch.__version__}")
+
+
+SUMMARY_FIELDS = ("model", "load_in_4bit", "lora_r", "task", "prompts_per_step", "num_generations",
+                  "max_completion_length", "temperature", "reward_funcs", "learning_rate", "beta", "epsilon",
+                  "loss_type", "scale_rewards", "max_steps")
+
+
+def config_summary(config: GRPOConfig, fields: tuple[str, ...] = SUMMARY_FIELDS) -> str:
+    """The knobs a notebook reader needs to see, one `name = value` a line (config.to_yaml() has all)."""
+    width = max(len(f) for f in fields)
+    return "\n".join(f"{f:<{width}} = {getattr(config, f)!r}" for f in fields)
+
+
+class MemoryPlanError(RuntimeError):
+    """The configuration would not fit on this GPU; the message holds the plan and cheaper settings."""
+
+
+def memory_plan(config: GRPOConfig) -> str:
+    """The planned peak memory of one training step of `config`, as text (grpo_lib.memory).
+
+    On a CUDA GPU: the plan for this GPU; raises MemoryPlanError, with the cheaper settings of
+    memory.suggest_cheaper, when it does not fit. Without one: the CPU run is not planned, and the plan of
+    the colab-t4 preset on a T4 is returned for information. A model missing from memory.MODEL_SPECS is
+    sized from its config.json (a few kB), so the plan comes before the weights are downloaded.
+    """
+    from . import memory
+
+    if not has_cuda():
+        t4 = GRPOConfig.preset(GPU_PRESET)
+        report = memory.estimate(t4, device_bytes=memory.T4_REPORTED_BYTES)
+        return (f"No CUDA GPU: this run trains on the CPU, which the planner does not cover. For information, "
+                f"the {GPU_PRESET!r} preset on a T4:\n{memory.format_report(report)}")
+    try:
+        spec = memory.model_spec(config.model)
+    except ValueError:  # not in the built-in table: read the architecture from the model's config.json
+        from transformers import AutoConfig
+
+        from .models import resolve_model_path
+
+        spec = memory.model_spec(AutoConfig.from_pretrained(resolve_model_path(config.model)))
+    report = memory.estimate(config, spec)
+    text = memory.format_report(report)
+    if not report.fits:
+        advice = memory.suggest_cheaper(config, spec, report.device_bytes)
+        raise MemoryPlanError(f"{text}\n\nThis configuration would not fit on this GPU. Cheaper settings "
+                              f"(OVERRIDES in the parameters cell):\n  " + "\n  ".join(advice))
+    return text
