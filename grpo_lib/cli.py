@@ -49,6 +49,8 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir)
     print(f"config: {config.model} task={config.task} G={config.num_generations} "
           f"prompts/step={config.prompts_per_step} steps={config.max_steps} -> {run_dir}", flush=True)
+    if not _memory_plan_fits(config):
+        return 3
     t0 = time.time()
     model, tokenizer = models.load_policy_from_config(config)
     print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
@@ -79,6 +81,22 @@ def cmd_train(args) -> int:
     print(f"\nrun log {run_dir / runlog.LOG_NAME}, adapter {run_dir / 'adapter'}, "
           f"total {time.time() - t0:.0f}s", flush=True)
     return 0
+
+
+def _memory_plan_fits(config) -> bool:
+    """On a GPU, print the planned peak memory and refuse a run that would not fit (with cheaper settings)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    from . import memory
+
+    report = memory.estimate(config, config.model)
+    print(memory.format_report(report), flush=True)
+    if not report.fits:
+        print("refusing to start: this configuration would not fit on this GPU. Try:\n  "
+              + "\n  ".join(memory.suggest_cheaper(config, config.model, report.device_bytes)), file=sys.stderr)
+    return report.fits
 
 
 def _cached_eval(path: Path, compute) -> dict:
