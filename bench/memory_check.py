@@ -40,6 +40,8 @@ CASES = {
     "smollm2-g4-t48": ("smollm2-135m", dict(prompts_per_step=2, num_generations=4, max_completion_length=48)),
     "smollm2-g8-t32-ga2": ("smollm2-135m", dict(prompts_per_step=2, num_generations=8, max_completion_length=32,
                                                 gradient_accumulation_steps=2)),
+    "smollm2-g8-t64-ckpt": ("smollm2-135m", dict(prompts_per_step=2, num_generations=8, max_completion_length=64,
+                                                 gradient_checkpointing=True, logprob_chunk_size=128)),
 }
 DEFAULT_CASES = ("tiny-g8-t64", "tiny-wide-g4-t128", "tiny-wide-g8-t96-ckpt", "smollm2-g4-t48")
 NEVER_SAMPLED = 49151  # a rare word piece of the SmolLM2 vocabulary, used as the "EOS" of these runs

@@ -60,6 +60,7 @@ def run_grpo_lib(args) -> dict:
     import torch
 
     from grpo_lib import data, models
+    from grpo_lib.cli import parse_overrides
     from grpo_lib.config import GRPOConfig
     from grpo_lib.sampling import eos_token_ids, generate_completions, tokenize_prompts
     from grpo_lib.trainer import GRPOTrainer
@@ -67,7 +68,8 @@ def run_grpo_lib(args) -> dict:
     config = GRPOConfig.preset(
         "cpu-tiny", prompts_per_step=PROMPTS, num_generations=G, max_completion_length=args.max_completion_length,
         gradient_checkpointing=args.gradient_checkpointing, lora_r=LORA_R, lora_alpha=LORA_ALPHA, learning_rate=LR,
-        beta=BETA, loss_type="grpo", num_iterations=1, seed=SEED, max_steps=args.warmup + args.steps)
+        beta=BETA, loss_type="grpo", num_iterations=1, seed=SEED, max_steps=args.warmup + args.steps,
+        **parse_overrides(args.grpo_lib_set))
     t0 = time.perf_counter()
     model, tokenizer = models.load_policy_from_config(config, device="cpu")
     rows = data.load_task(config.task, "train", seed=config.seed, one_shot=True)
@@ -185,11 +187,14 @@ def run_side(side: str, args) -> dict:
            "--warmup", str(args.warmup), "--max-completion-length", str(args.max_completion_length)]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += [] if args.plain_generate else ["--no-plain-generate"]
+    cmd += [x for pair in args.grpo_lib_set for x in ("--grpo-lib-set", pair)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.malloc_mmap_threshold:  # glibc: allocations above this are mmapped and returned to the OS on free
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     t = time.perf_counter()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True,
                          env=env)
@@ -284,6 +289,12 @@ def main(argv=None) -> int:
                     help="OMP_WAIT_POLICY of both sides (default PASSIVE: on a busy machine, spinning OpenMP "
                          "threads make 2-thread torch several times slower; '' keeps the environment's)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of both sides (default: torch's choice)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                    help="MALLOC_MMAP_THRESHOLD_ of both sides (e.g. 65536: freed activations leave the resident "
+                         "set instead of staying in glibc's heap; default: glibc's own dynamic threshold)")
+    ap.add_argument("--grpo-lib-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a grpo_lib config field (experiments only: the comparison is then not like "
+                         "for like unless the change keeps the math, e.g. gradient_accumulation_steps)")
     ap.add_argument("--json", help="write every step and the summary to this file")
     ap.add_argument("--verbose", action="store_true", help="show the children's stderr as they run")
     ap.add_argument("--child", choices=["grpo_lib", "trl"], help=argparse.SUPPRESS)
@@ -299,9 +310,10 @@ def main(argv=None) -> int:
 
     print(f"{platform.node()}: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"OMP_WAIT_POLICY={args.omp_wait_policy or os.environ.get('OMP_WAIT_POLICY')}, "
-          f"threads={args.threads or 'default'}; "
+          f"threads={args.threads or 'default'}, MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'default'}; "
           f"{args.rounds} rounds x {args.sides}, {args.warmup} warm-up + {args.steps} measured steps each, "
-          f"T={args.max_completion_length}, checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+          f"T={args.max_completion_length}, checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+          + (f", grpo_lib overrides {args.grpo_lib_set}" if args.grpo_lib_set else ""),
           flush=True)
     runs = []
     for rnd in range(args.rounds):
