@@ -182,18 +182,18 @@ def run_in_subprocess(name: str, default_malloc: bool = False, timeout: float = 
 
 
 def format_table(results: list[dict]) -> str:
-    mb = 2**20
+    """Predicted vs measured MiB per case: the whole step, and its generation and training phases."""
+    mib = 2**20
     lines = [f"{'case':24} {'P':>4} {'predicted':>10} {'measured':>10} {'ratio':>6}   "
-             f"{'gen pred/meas':>15} {'train pred/meas':>17}"]
+             f"{'generation pred/meas':>21} {'training pred/meas':>19}"]
     for r in results:
-        p = r["predicted_phases"]
-        c = r["predicted_components"]
+        p, c = r["predicted_phases"], r["predicted_components"]
         fixed = c["gradients"] + c["optimizer_states"]
         lines.append(
-            f"{r['case']:24} {r['prompt_tokens']:>4} {r['predicted_bytes'] / mb:>8.0f}MB {r['measured_bytes'] / mb:>8.0f}MB "
-            f"{r['predicted_bytes'] / r['measured_bytes']:>6.2f}   "
-            f"{(p['generation'] + fixed) / mb:>6.0f}/{r['measured_generation_bytes'] / mb:<6.0f}MB "
-            f"{(p['training'] + fixed) / mb:>7.0f}/{r['measured_training_bytes'] / mb:<6.0f}MB")
+            f"{r['case']:24} {r['prompt_tokens']:>4} {r['predicted_bytes'] / mib:>7.0f}MiB "
+            f"{r['measured_bytes'] / mib:>7.0f}MiB {r['predicted_bytes'] / r['measured_bytes']:>6.2f}   "
+            f"{(p['generation'] + fixed) / mib:>10.0f}/{r['measured_generation_bytes'] / mib:<6.0f}MiB "
+            f"{(p['training'] + fixed) / mib:>8.0f}/{r['measured_training_bytes'] / mib:<6.0f}MiB")
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ ROWS = (("weights", "weights (nf4 + fp32 embeddings)"), ("lora_params", "LoRA pa
         ("gradients", "gradients"), ("optimizer_states", "AdamW states"), ("cuda_context", "CUDA context"),
         ("kv_cache", "KV cache (generation)"), ("sampling_buffers", "sampling buffers (generation)"),
         ("reference_pass", "reference forward"), ("activations", "activations (training)"),
-        ("logits", "logits chunks (training)"))
+        ("logits", "logits chunks (training, start of backward)"),
+        ("layer_backward", "layer backward (training, after the logits)"))
 
 
 def gib(b: float) -> str:
@@ -33,8 +34,10 @@ def table(config: GRPOConfig, device_bytes: int) -> str:
     lines = [head, "|" + "---|" * (len(MODELS) + 1)]
     for key, label in ROWS:
         lines.append(f"| {label} | " + " | ".join(gib(r.components[key]) for r in reports) + " |")
-    lines.append("| activations without checkpointing (not used) | "
+    lines.append("| activations + layer backward without checkpointing (not used) | "
                  + " | ".join(gib(r.activations_no_checkpointing) for r in reports) + " |")
+    lines.append("| training phase = activations + max(logits, layer backward) | "
+                 + " | ".join(gib(r.phases["training"]) for r in reports) + " |")
     lines.append("| **predicted peak** (resident + largest phase) | "
                  + " | ".join(f"**{gib(r.total_bytes)}**" for r in reports) + " |")
     lines.append("| largest phase | " + " | ".join(r.peak_phase for r in reports) + " |")

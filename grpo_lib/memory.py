@@ -4,7 +4,9 @@
            + the largest of the step's phases:
                generation  KV cache of N = prompts_per_step * G rows of (P + T) tokens + sampling buffers
                reference   one no-grad forward of a micro-batch (adapters off)
-               training    saved activations of a micro-batch + one chunk of logits in backward
+               training    saved activations of a micro-batch (one group of it on the shared-prompt
+                           path, which calls backward per group) + the larger of: the logits chunk
+                           of the head's backward (first), one layer's backward (then)
 
 Nothing here allocates: sizes come from the architecture (a built-in table of common models, a
 transformers config, or a loaded model) and the config. The per-token activation counts were read
@@ -20,13 +22,12 @@ compute; bitsandbytes' 4-bit matmuls cast their output back to the input's dtype
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 GiB = 2**30
 MiB = 2**20
-T4_REPORTED_BYTES = 15 * GiB  # torch / nvidia-smi report ~15 GiB of the T4's "16 GB"
+T4_REPORTED_BYTES = 15 * GiB  # the default without a GPU: torch / nvidia-smi report ~15 GiB of a T4's "16 GB"
 CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspace + loaded kernels, typical for a T4 under torch
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -182,29 +183,25 @@ COMPONENTS = {
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
     "activations": ("training", "tensors autograd saves for backward, one micro-batch"),
     "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward"),
+    "layer_backward": ("training", "one layer's backward: its recomputed activations (checkpointing), gradients"),
 }
 
 
 @dataclass
 class MemoryReport:
     """Predicted peak memory of one training step. `components` maps a name (see COMPONENTS) to
-    bytes; the peak is the always-resident components plus the largest phase, not their sum."""
+    bytes; the peak is the always-resident components plus the largest phase, not their sum. The
+    training phase is activations + the larger of logits and layer_backward (not alive at once)."""
 
     model: str
     device: str
     device_bytes: int
     components: dict[str, int]
-    activations_checkpointing: int  # the training-phase activations with gradient checkpointing ...
+    phases: dict[str, int]  # "generation", "reference", "training" -> bytes on top of the resident ones
+    activations_checkpointing: int  # activations + layer backward with gradient checkpointing ...
     activations_no_checkpointing: int  # ... and without, whatever the config says
     settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    def phase_bytes(self, phase: str) -> int:
-        return sum(b for n, b in self.components.items() if COMPONENTS[n][0] == phase)
-
-    @property
-    def phases(self) -> dict[str, int]:
-        return {p: self.phase_bytes(p) for p in ("generation", "reference", "training")}
 
     @property
     def peak_phase(self) -> str:
@@ -212,7 +209,7 @@ class MemoryReport:
 
     @property
     def persistent_bytes(self) -> int:
-        return self.phase_bytes("always")
+        return sum(b for n, b in self.components.items() if COMPONENTS[n][0] == "always")
 
     @property
     def total_bytes(self) -> int:
@@ -256,24 +253,27 @@ def microbatch_shape(config) -> tuple[int, int, int]:
     return n, groups, per_group
 
 
-def layer_activation_bytes(spec: ModelSpec, stream_fp32: bool, targets: str, r: int) -> float:
+def layer_activation_bytes(spec: ModelSpec, stream_fp32: bool, targets: str, r: int,
+                           lora_dropout: float = 0.0) -> float:
     """Bytes autograd saves per token in one decoder layer (keys/values of attention excluded).
 
     Read off saved_tensors_hooks for grpo_lib's paths (Llama layer, SDPA, peft LoRA without dropout;
-    frozen linear layers save nothing, LoRA saves its input and its r-dim hidden):
+    frozen linear layers save nothing, LoRA saves its input and its r-dim hidden), all-linear LoRA:
       fp32 stream (CPU fp32, or QLoRA after kbit prep):  4 * (6H + 4I + nh) + 4 * r per adapter
       bf16/fp16 weights + fp32 LoRA (peft casts the LoRA input to fp32, per adapter):
                                                           36H + 10I + 4 nh + 4 * r per adapter
+    With lora_dropout > 0 each adapter also keeps its own dropped input (fp32) and dropout mask.
     """
     H, I, nh = spec.hidden_size, spec.intermediate_size, spec.num_heads
     adapted = lora_targets(targets) if r > 0 else ()
     lora = 4 * r * len(adapted)
+    inputs = sum(spec.linear_shapes()[n][0] for n in adapted)  # in_features summed over adapters
     if stream_fp32:
-        return 4 * (5 * H + ("o_proj" in adapted) * H + 3 * I + ("down_proj" in adapted) * I + nh) + lora
+        dropout = 5 * inputs if lora_dropout > 0 else 0
+        return 4 * (5 * H + ("o_proj" in adapted) * H + 3 * I + ("down_proj" in adapted) * I + nh) + lora + dropout
     # bf16 stream: norm inputs kept in fp32 (2 x 4H), q and attention output (2 x 2H), gate/silu/up
-    # (3 x 2I), and an fp32 copy of each adapted layer's input (4 x in_features)
-    copies = sum(spec.linear_shapes()[n][0] for n in adapted)
-    return 8 * H + 4 * H + 6 * I + 4 * nh + 4 * copies + lora
+    # (3 x 2I), and an fp32 copy of each adapted layer's input (4 x in_features, dropped if dropout)
+    return 8 * H + 4 * H + 6 * I + 4 * nh + (5 if lora_dropout > 0 else 4) * inputs + lora
 
 
 def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, device: str = "cuda",
@@ -322,10 +322,14 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     # 3) reference pass (no grad) and 4) training, one micro-batch each
     ckpt = config.gradient_checkpointing
     components["reference_pass"] = _micro_batch(spec, config, P, stream_fp32, ckpt, grad=False)[0]
-    act_ckpt, logits_ckpt = _micro_batch(spec, config, P, stream_fp32, True)
-    act_plain, logits_plain = _micro_batch(spec, config, P, stream_fp32, False)
-    components["activations"] = act_ckpt if ckpt else act_plain
-    components["logits"] = logits_ckpt if ckpt else logits_plain
+    with_ckpt = _micro_batch(spec, config, P, stream_fp32, True)
+    without = _micro_batch(spec, config, P, stream_fp32, False)
+    components["activations"], components["logits"], components["layer_backward"] = with_ckpt if ckpt else without
+    act_ckpt, act_plain = with_ckpt[0] + with_ckpt[2], without[0] + without[2]  # activations, logits aside
+    phases = {"generation": components["kv_cache"] + components["sampling_buffers"],
+              "reference": components["reference_pass"],
+              # the head's backward runs first and frees its logits before any layer's backward starts
+              "training": components["activations"] + max(components["logits"], components["layer_backward"])}
 
     if four_bit and not cpu:
         notes.append(f"embeddings{'' if spec.tie_word_embeddings else ' and lm_head'} are fp32 after peft's "
@@ -336,6 +340,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     return MemoryReport(
         model=spec.name, device=device, device_bytes=device_bytes,
         components={k: int(round(v)) for k, v in components.items()},
+        phases={k: int(round(v)) for k, v in phases.items()},
         activations_checkpointing=int(act_ckpt), activations_no_checkpointing=int(act_plain),
         settings={"prompt_tokens": P, "completion_tokens": T, "num_generations": config.num_generations,
                   "completions": N, "micro_batch": n, "groups_per_micro_batch": groups,
@@ -347,41 +352,44 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
 
 
 def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointing: bool,
-                 grad: bool = True) -> tuple[float, float]:
-    """(activation bytes, logits bytes) of one micro-batch through grpo_lib.logprobs.rollout_logps.
+                 grad: bool = True) -> tuple[float, float, float]:
+    """(activations, logits, layer backward) bytes of one forward + backward through logprobs.rollout_logps:
+    a micro-batch, or on the shared-prompt path one group of it.
 
-    grad=False: the reference pass (no saved tensors: one layer's temporaries, the group's KV cache).
-    grad=True: what autograd saves, plus the gradients of a layer's largest tensors while its backward
-    runs; with checkpointing, each layer's input plus one recomputed layer.
+    grad=False: the reference pass (nothing saved: one layer's temporaries, the group's KV cache, the
+    logits chunk), returned as the first number.
+    grad=True: activations = what autograd saves until backward reaches it (with checkpointing only
+    each layer's input); logits = the [chunk, vocab] blocks of the head's backward, which runs first;
+    layer backward = what one decoder layer's backward adds once the logits are freed (with
+    checkpointing: the layer recomputed with everything saved, and its gradients).
     """
     L, V, H, I = spec.num_layers, spec.vocab_size, spec.hidden_size, spec.intermediate_size
     Hq, Hkv, T = spec.q_dim, spec.kv_dim, config.max_completion_length
     ab = 4 if stream_fp32 else 2  # bytes per activation element
-    n, groups, per_group = microbatch_shape(config)
+    n, _, per_group = microbatch_shape(config)
     # the shared-prompt path needs use_cache, which gradient checkpointing switches off (trainer._logps)
     share = config.share_prompt_forward and not checkpointing
-    tokens = n * T + groups * P if share else n * (P + T)  # tokens one micro-batch runs through the body
-    positions = per_group * T if share else n * T  # completion positions one output-head call scores
-    chunk = min(config.logprob_chunk_size, positions)
-    if not grad:  # the shared-prompt path runs one group at a time, holding its cache for all layers
-        live = per_group * T + P if share else tokens
-        cache = per_group * (P + T) * L * 2 * Hkv * ab if share else 0
-        return live * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4, 0.0
-    per_token = layer_activation_bytes(spec, stream_fp32, config.lora_target_modules, config.lora_r)
+    if share:  # it runs one group at a time, and training calls backward after each (trainer._backward_parts)
+        n = per_group
+    tokens = n * T + P if share else n * (P + T)  # tokens one forward runs through the body
+    chunk = min(config.logprob_chunk_size, n * T)  # completion positions one output-head call scores
+    if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the group's cache
+        cache = n * (P + T) * L * 2 * Hkv * ab if share else 0
+        return tokens * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4, 0.0, 0.0
+    per_token = layer_activation_bytes(spec, stream_fp32, config.lora_target_modules, config.lora_r,
+                                       config.lora_dropout)
     # keys/values SDPA saves: with an attention mask (always on the shared-prompt path) they are
     # expanded to all query heads, and each completion row holds its group's prompt keys as well
     if share:
-        kv = n * (P + T) * 2 * Hq * ab + groups * P * 2 * Hkv * ab
+        kv = n * (P + T) * 2 * Hq * ab + P * 2 * Hkv * ab
     else:
         kv = tokens * 2 * Hq * ab
     layer = tokens * per_token + kv  # one layer with everything saved
     outside = tokens * 3 * H * ab  # final norm input/output and the hidden states the head reads
-    backward_tmp = tokens * (2 * I + 2 * H) * ab  # gradients of a layer's largest tensors in its backward
-    if checkpointing:
-        saved = (L + 1) * tokens * H * ab + layer  # layer inputs, and one layer recomputed
-    else:
-        saved = L * layer
-    return saved + outside + backward_tmp, LOGITS_BLOCKS_TRAIN * chunk * V * 4
+    grads = tokens * (I + 2 * H) * ab  # gradients alive inside a layer's backward (measured: ~1 I-sized)
+    if checkpointing:  # each layer's input is kept; a layer is recomputed when its backward comes
+        return (L + 1) * tokens * H * ab + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, layer + grads
+    return L * layer + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, grads
 
 
 def _fmt(b: float) -> str:
@@ -395,7 +403,7 @@ def _fmt(b: float) -> str:
 LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
           "optimizer_states": "AdamW states", "cuda_context": "CUDA context", "kv_cache": "KV cache",
           "sampling_buffers": "sampling buffers", "reference_pass": "reference forward",
-          "activations": "activations", "logits": "logits chunks"}
+          "activations": "activations", "logits": "logits chunks", "layer_backward": "layer backward"}
 
 
 def format_report(report: MemoryReport) -> str:
@@ -417,7 +425,8 @@ def format_report(report: MemoryReport) -> str:
             if when == phase and (report.components[name] or phase != "always"):
                 lines.append(f"{LABELS[name]:20} {when:13} {_fmt(report.components[name]):>10}")
     ck, plain = report.activations_checkpointing, report.activations_no_checkpointing
-    lines.append(f"{'':20} (activations {_fmt(plain)} without checkpointing, {_fmt(ck)} with)")
+    lines.append(f"{'':20} (training = activations + the larger of logits chunks and layer backward;")
+    lines.append(f"{'':20}  activations + layer backward: {_fmt(plain)} without checkpointing, {_fmt(ck)} with)")
     phases = report.phases
     lines += [
         "-" * 45,
@@ -494,15 +503,17 @@ def suggest_cheaper(config, model_or_spec=None, device_bytes: int | None = None,
     fitting = groups[0] + groups[1]
     lines += fitting + groups[2]
     if not base.fits and not fitting:  # greedily combine the changes, cheapest first
-        combined, cfg = {}, config
+        combined, best = {}, base
         for changes, _ in _options(config, spec):
-            trial = cfg.replace(**changes)
-            if estimate(trial, spec, device_bytes, **kw).total_bytes < estimate(cfg, spec, device_bytes, **kw).total_bytes:
-                cfg, combined = trial, {**combined, **changes}
-                r = estimate(cfg, spec, device_bytes, **kw)
-                if r.fits:
+            try:
+                trial = estimate(config.replace(**{**combined, **changes}), spec, device_bytes, **kw)
+            except ValueError:  # ConfigError: e.g. gradient_accumulation_steps no longer divides the batch
+                continue
+            if trial.total_bytes < best.total_bytes:
+                combined, best = {**combined, **changes}, trial
+                if best.fits:
                     break
-        lines.append(f"together {_changes(combined)}: {verdict(estimate(cfg, spec, device_bytes, **kw))}")
+        lines.append(f"together {_changes(combined)}: {verdict(best)}")
     if not base.fits:  # the two largest built-in models that fit
         smaller = sorted((s for s in MODEL_SPECS.values() if s.num_params < spec.num_params),
                          key=lambda s: -s.num_params)

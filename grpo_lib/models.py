@@ -64,10 +64,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(embedded_model_path(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
 
 
+def has_native_bf16() -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8+). Not torch's default
+    is_bf16_supported(), which also says yes on a T4, where bf16 is only emulated (slow)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def compute_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on GPUs that have it, fp16 on those that do not (T4), fp32 on CPU."""
     if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16() else torch.float16
     return torch.float32
 
 

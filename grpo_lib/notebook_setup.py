@@ -50,9 +50,11 @@ def hardware_summary() -> str:
     """One line on what this kernel runs on: the GPU (memory, bf16 or fp16 compute) or the CPU."""
     import torch
 
+    from .models import has_native_bf16
+
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16 (no bf16 on this GPU)"
+        dtype = "bf16" if has_native_bf16() else "fp16 (no native bf16 on this GPU)"
         return (f"GPU: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
                 f"{dtype} compute; torch {torch.__version__}")
     return (f"CPU: {os.cpu_count()} cores ({platform.machine()}), no CUDA GPU, fp32 compute; "

@@ -1,7 +1,10 @@
 """Sampling a group of G completions per prompt, with the masks GRPO needs.
 
-The completion mask covers each completion up to and including its first EOS; a completion that
-reaches max_completion_length without EOS is flagged truncated (it is still scored and trained on).
+Each prompt is prefilled once and its KV cache repeated for its G completions (shared_prompt_cache);
+`decode` then samples token by token and drops a row from the batch as soon as it ends, so no step
+computes finished completions. The completion mask covers each completion up to and including its
+first EOS; a completion that reaches max_completion_length without EOS is flagged truncated (it is
+still scored and trained on).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def eval_mode(model):
 def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int):
     """KV cache of each prompt but its last token, computed once per group and repeated G times.
 
-    prompt_ids, prompt_mask: [groups, P]. generate() then starts from the last prompt token, so the
+    prompt_ids, prompt_mask: [groups, P]. Decoding then starts from the last prompt token, so the
     prompt's prefill costs `groups` rows instead of groups * G: the same tokens, ~G times less prefill.
     """
     out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
@@ -98,19 +101,85 @@ def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     return cache
 
 
+def filtered_scores(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                    top_k: int | None = None) -> torch.Tensor:
+    """logits [n, V] -> logits / temperature with the tokens outside the top-k and outside the top-p
+    nucleus set to -inf (generate()'s order: temperature, top-k, top-p). The nucleus is the smallest
+    set of most likely tokens whose probability reaches top_p; the most likely token always stays."""
+    scores = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.size(-1)), dim=-1).values[:, -1:]  # [n, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
+        drop = torch.zeros_like(outside).scatter(-1, order, outside)  # back to vocabulary order
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, temperature: float | None, top_p: float = 1.0,
+                top_k: int | None = None) -> torch.Tensor:
+    """logits [n, V] -> token ids [n]: one draw from softmax(filtered_scores), or argmax when
+    temperature is None or 0 (greedy). Draws use torch's global RNG."""
+    if not temperature:
+        return logits.argmax(dim=-1)
+    probs = filtered_scores(logits, temperature, top_p, top_k).softmax(dim=-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, max_new_tokens: int,
+           eos_ids: list[int], pad_id: int, temperature: float | None = 1.0, top_p: float = 1.0,
+           top_k: int | None = None) -> torch.Tensor:
+    """Completions [N, T <= max_new_tokens] of left-padded prompts [N, P] whose KV `cache` holds every
+    prompt token but the last (shared_prompt_cache); ids after a row's first EOS are pad_id.
+
+    A row that samples EOS leaves the batch: its cache rows are dropped, so each decoding step runs
+    only the rows still writing (generate() keeps computing finished rows until the longest is done).
+    """
+    N = prompt_ids.size(0)
+    out = torch.full((N, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+    eos = torch.tensor(eos_ids, device=prompt_ids.device)
+    rows = torch.arange(N, device=prompt_ids.device)  # the rows still writing, in cache order
+    tokens, mask = prompt_ids[:, -1:], prompt_mask  # [n, 1] next input, [n, P + t] attention mask
+    position = prompt_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] position of the next input
+    for t in range(max_new_tokens):
+        logits = model(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache,
+                       use_cache=True).logits[:, -1]  # [n, V]
+        new = next_tokens(logits, temperature, top_p, top_k)  # [n]
+        out[rows, t] = new
+        writing = ~torch.isin(new, eos)
+        if not writing.any():
+            return out[:, :t + 1]
+        if not writing.all():
+            keep = writing.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, new, mask, position = rows[keep], new[keep], mask[keep], position[keep]
+        tokens, position = new[:, None], position + 1
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+    return out
+
+
+def finish_completions(completion_ids: torch.Tensor, eos_ids: list[int], tokenizer):
+    """Sampled ids [B, T] -> (ids with padding after the first EOS, mask [B, T], truncated [B], texts [B])."""
+    mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return completion_ids, mask, truncated, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                          max_completion_length: int, **sampling):
-    """model.generate on left-padded prompts [B, P] -> (completion_ids [B, T], mask [B, T], truncated [B],
-    texts [B]); ids after the first EOS are replaced by padding. `sampling` goes to generate()."""
+    """model.generate on left-padded prompts [B, P] -> finish_completions' (ids [B, T], mask [B, T],
+    truncated [B], texts [B]). `sampling` goes to generate(). Used for greedy evaluation, and as the
+    plain reference the benchmark compares sample_groups with."""
     eos_ids = eos_token_ids(model, tokenizer)
     with eval_mode(model):
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_completion_length,
                              eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
-    completion_ids = out[:, prompt_ids.size(1):]  # [B, T]
-    mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
-    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return completion_ids, mask, truncated, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return finish_completions(out[:, prompt_ids.size(1):], eos_ids, tokenizer)
 
 
 def sample_groups(model, tokenizer, prompts: list, num_generations: int, max_completion_length: int,
@@ -122,11 +191,12 @@ def sample_groups(model, tokenizer, prompts: list, num_generations: int, max_com
     """
     texts = [format_prompt(tokenizer, p) for p in prompts]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, model_device(model))  # [groups, P]
+    eos_ids = eos_token_ids(model, tokenizer)
     with eval_mode(model):
         cache = shared_prompt_cache(model, prompt_ids, prompt_mask, num_generations)
-    completion_ids, mask, truncated, completion_texts = generate_completions(
-        model, tokenizer, prompt_ids.repeat_interleave(num_generations, dim=0),  # [N, P]
-        prompt_mask.repeat_interleave(num_generations, dim=0), max_completion_length, past_key_values=cache,
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+        sampled = decode(model, prompt_ids.repeat_interleave(num_generations, dim=0),  # [N, P]
+                         prompt_mask.repeat_interleave(num_generations, dim=0), cache, max_completion_length,
+                         eos_ids, tokenizer.pad_token_id, temperature, top_p)
+    completion_ids, mask, truncated, completion_texts = finish_completions(sampled, eos_ids, tokenizer)
     return Rollout(texts, prompt_ids, prompt_mask, completion_ids, mask, completion_texts, truncated,
                    num_generations)

@@ -6,7 +6,8 @@ One `step()`:
     2) score them with every reward function, combine with weights         (rewards.score_completions)
     3) z-score the totals inside each group                                (advantages.group_advantages)
     4) reference log-probs (adapters off, no grad) and, if mu > 1, old log-probs
-    5) mu times: for each micro-batch, policy log-probs -> grpo_loss -> backward; then one optimiser step
+    5) mu times: for each micro-batch (one group at a time on the shared-prompt path), policy log-probs
+       -> grpo_loss -> backward; then one optimiser step
     6) a StepRecord with texts, rewards, advantages, per-token stats and metrics
 """
 
@@ -107,8 +108,12 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         device = model_device(model)
         # fp16 compute (T4) needs loss scaling so small LoRA gradients do not underflow
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
-                                           and compute_dtype(device) == torch.float16)
+        fp16 = device.type == "cuda" and compute_dtype(device) == torch.float16
+        if fp16 and any(p.dtype == torch.float16 for p in params):
+            raise ValueError("fp16 trainable weights on a GPU without bf16 (e.g. a T4) cannot be trained with "
+                             "loss scaling: use LoRA (lora_r > 0; peft keeps adapters in fp32) or load the model "
+                             "in float32 (load_policy(..., dtype=torch.float32))")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self._run_dir_checked = False  # config.json compared (or written) once per trainer
         self.step_count = 0  # completed steps
         self.data_position = 0  # prompts consumed, across epochs
@@ -185,14 +190,32 @@ class GRPOTrainer:
             metrics=metrics, answers=[r.get("answer") for r in rows],
             tokens=self._token_strings(rollout), token_stats=token_stats)
 
+    @property
+    def _share_prompt(self) -> bool:
+        # the KV-cache trick needs use_cache, which gradient checkpointing switches off
+        return self.config.share_prompt_forward and not self.config.gradient_checkpointing
+
     def _logps(self, rollout, idx: torch.Tensor, model=None) -> torch.Tensor:
         c = self.config
-        # the KV-cache trick needs use_cache, which gradient checkpointing switches off
-        share = c.share_prompt_forward and not c.gradient_checkpointing
-        return rollout_logps(model or self.model, rollout, idx, c.temperature, c.logprob_chunk_size, share)
+        return rollout_logps(model or self.model, rollout, idx, c.temperature, c.logprob_chunk_size,
+                             self._share_prompt)
 
     def _microbatches(self, N: int) -> list[torch.Tensor]:
         return list(torch.arange(N).chunk(self.config.gradient_accumulation_steps))
+
+    def _backward_parts(self, rollout, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The pieces of micro-batch `idx` that each get their own forward + backward.
+
+        On the shared-prompt path, one group each: that path runs the groups one after the other
+        anyway, so a backward after each group frees its activations before the next group's forward
+        (peak activations / groups per micro-batch, each group trimmed to its own longest completion)
+        at no cost in speed. The loss is a sum of per-sequence terms over the micro-batch's
+        normalisers (microbatch_normalizers), so the loss and the gradients are unchanged.
+        """
+        if not self._share_prompt:
+            return [idx]
+        groups = rollout.group_index.to(idx.device)[idx]
+        return [idx[groups == g] for g in groups.unique(sorted=True).tolist()]
 
     @torch.no_grad()
     def _frozen_logps(self, rollout, reference: bool) -> torch.Tensor:
@@ -219,23 +242,24 @@ class GRPOTrainer:
             for it in range(c.num_iterations):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
-                for idx in micro:
-                    logps = self._logps(rollout, idx)  # [n, T] with grad
-                    loss, stats = grpo_loss(
-                        logps, None if old_logps is None else old_logps[idx],
-                        None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
-                        loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                        max_completion_length=c.max_completion_length,
-                        **microbatch_normalizers(c.loss_type, mask[idx], mask, len(micro)))
-                    self.scaler.scale(loss).backward()
-                    loss_total += loss.item()
-                    share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
-                    for k, v in stats.items():
-                        totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
-                    if it == 0:
-                        token_logps[idx] = logps.detach().float()
-                    if it == c.num_iterations - 1 and old_logps is not None:
-                        token_ratio[idx] = torch.exp(logps.detach() - old_logps[idx]).float()
+                for micro_idx in micro:
+                    normalizers = microbatch_normalizers(c.loss_type, mask[micro_idx], mask, len(micro))
+                    for idx in self._backward_parts(rollout, micro_idx):
+                        logps = self._logps(rollout, idx)  # [n, T] with grad
+                        loss, stats = grpo_loss(
+                            logps, None if old_logps is None else old_logps[idx],
+                            None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
+                            loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                            max_completion_length=c.max_completion_length, **normalizers)
+                        self.scaler.scale(loss).backward()
+                        loss_total += loss.item()
+                        share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
+                        for k, v in stats.items():
+                            totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
+                        if it == 0:
+                            token_logps[idx] = logps.detach().float()
+                        if it == c.num_iterations - 1 and old_logps is not None:
+                            token_ratio[idx] = torch.exp(logps.detach() - old_logps[idx]).float()
                 grad_norm = self._optimizer_step()
             totals.update({"loss": loss_total, "grad_norm": grad_norm})
         except BaseException:

@@ -165,9 +165,11 @@ def runtime_fields(output_dir: str) -> dict:
     """Settings of the run, not of the algorithm: where it writes, what it logs, the precision of the device."""
     import torch
 
+    from .models import has_native_bf16
+
     if not torch.cuda.is_available():
         precision = {"use_cpu": True, "bf16": False, "fp16": False}
-    elif torch.cuda.is_bf16_supported():
+    elif has_native_bf16():
         precision = {"bf16": True, "fp16": False}
     else:  # T4 and older: fp16 autocast with loss scaling
         precision = {"bf16": False, "fp16": True}

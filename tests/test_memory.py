@@ -2,9 +2,6 @@
 prediction against the measured resident-memory increase of real CPU training steps."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,7 +93,13 @@ def test_four_bit_weights_and_fp32_embeddings():
 
 def test_total_is_persistent_plus_largest_phase():
     r = memory.estimate(GRPOConfig.preset("colab-t4"), "Qwen2.5-1.5B-Instruct")
+    c = r.components
     assert r.total_bytes == r.persistent_bytes + max(r.phases.values())
+    assert r.persistent_bytes == sum(c[k] for k in ("weights", "lora_params", "gradients", "optimizer_states",
+                                                     "cuda_context"))
+    assert r.phases["generation"] == c["kv_cache"] + c["sampling_buffers"]
+    # the head's backward frees its logits before a layer's backward starts: the larger of the two counts
+    assert r.phases["training"] == c["activations"] + max(c["logits"], c["layer_backward"])
     assert r.peak_phase == "training"
     assert r.step_bytes == r.components["gradients"] + r.components["optimizer_states"] + r.phases["training"]
 
@@ -104,10 +107,19 @@ def test_total_is_persistent_plus_largest_phase():
 def test_cheaper_knobs_lower_the_prediction():
     base = GRPOConfig.preset("colab-t4", gradient_checkpointing=False)
     r = memory.estimate(base, "Qwen2.5-1.5B-Instruct")
-    assert r.activations_no_checkpointing == r.components["activations"] > r.activations_checkpointing
-    for change in (dict(gradient_checkpointing=True), dict(gradient_accumulation_steps=4),
+    c = r.components
+    assert r.activations_no_checkpointing == c["activations"] + c["layer_backward"] > r.activations_checkpointing
+    assert r.phases["training"] == c["activations"] + max(c["logits"], c["layer_backward"])
+    for change in (dict(gradient_checkpointing=True), dict(gradient_accumulation_steps=16),
                    dict(max_completion_length=128), dict(num_generations=4), dict(logprob_chunk_size=256)):
         assert memory.estimate(base.replace(**change), "Qwen2.5-1.5B-Instruct").total_bytes < r.total_bytes, change
+    # the shared-prompt path already calls backward once per group: micro-batches of whole groups
+    # (4 prompts, gradient_accumulation_steps 2 or 4) save nothing more; splitting a group does
+    for ga in (2, 4):
+        assert memory.estimate(base.replace(gradient_accumulation_steps=ga), "Qwen2.5-1.5B-Instruct").phases == r.phases
+    ckpt = base.replace(gradient_checkpointing=True)  # no shared prompt: a micro-batch is one backward
+    assert (memory.estimate(ckpt.replace(gradient_accumulation_steps=4), "Qwen2.5-1.5B-Instruct").total_bytes
+            < memory.estimate(ckpt, "Qwen2.5-1.5B-Instruct").total_bytes)
     full = memory.estimate(base.replace(load_in_4bit=False), "Qwen2.5-1.5B-Instruct")
     assert full.components["weights"] > r.components["weights"]
 

@@ -84,6 +84,25 @@ def test_compute_dtype_on_cpu():
     assert compute_dtype("cpu") == torch.float32
 
 
+@pytest.mark.parametrize("major,expected,fp16", [(7, torch.float16, True), (8, torch.bfloat16, False)])
+def test_t4_computes_in_fp16_although_torch_can_emulate_bf16(monkeypatch, major, expected, fp16):
+    """A T4 is compute capability 7.5: torch.cuda.is_bf16_supported() says True there (it can emulate
+    bf16 by creating a tensor), but bf16 matmuls are emulated and slow: fp16 + loss scaling it is.
+    The GPU is faked at torch's device-query level, so torch's own decision logic runs."""
+    from types import SimpleNamespace
+
+    from grpo_lib.trl_bridge import runtime_fields
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=major, minor=5))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert torch.cuda.is_bf16_supported()  # torch's default answer: yes, even on the T4
+    assert compute_dtype("cuda") == expected
+    assert runtime_fields("out")["fp16"] is fp16 and runtime_fields("out")["bf16"] is not fp16
+
+
 @pytest.mark.slow
 def test_embedded_model_is_cached_and_speaks(embedded_policy):
     path = embedded_model_path()

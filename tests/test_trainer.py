@@ -12,6 +12,7 @@ from grpo_lib.advantages import group_advantages
 from grpo_lib.config import GRPOConfig
 from grpo_lib.logprobs import rollout_logps
 from grpo_lib.runlog import RunDirError
+from grpo_lib.sampling import sample_groups
 from grpo_lib.trainer import GRPOTrainer, StepOOMError
 from tests.conftest import add_random_lora, make_tiny_llama
 
@@ -92,6 +93,32 @@ def test_microbatches_give_the_same_update(tokenizer):
         params.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad]))
     torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(params[2], params[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type,ga", [("grpo", 1), ("bnpo", 1), ("dr_grpo", 1), ("dapo", 1), ("bnpo", 2)])
+def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokenizer, loss_type, ga):
+    """The shared-prompt path calls backward once per group; the plain path once per micro-batch.
+    Same rollout, same initial weights: the summed loss and the accumulated gradients must agree."""
+    cfg = dict(prompts_per_step=4, gradient_accumulation_steps=ga, loss_type=loss_type,
+               max_grad_norm=0.0, seed=5)
+    first = make_trainer(tokenizer, **cfg)
+    rows = first.next_rows()
+    rollout = sample_groups(first.model, tokenizer, [r["prompt"] for r in rows], 4, 6, 1.0, 1.0)
+    advantages = torch.linspace(-1.5, 1.5, 16)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    results = {}
+    for share in (True, False):
+        trainer = make_trainer(tokenizer, share_prompt_forward=share, **cfg)
+        micro = trainer._microbatches(16)
+        parts = [p.tolist() for idx in micro for p in trainer._backward_parts(rollout, idx)]
+        # shared path: one part per group (4 rows each, in order); plain path: one per micro-batch
+        assert parts == ([list(range(g * 4, g * 4 + 4)) for g in range(4)] if share
+                         else [idx.tolist() for idx in micro])
+        totals, _ = trainer._update(rollout, advantages)  # the step leaves the gradients in .grad
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
+        results[share] = (totals["loss"], grads)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5, abs=1e-7)
+    assert results[True][1].abs().max() > 0
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
 
 
 def test_mu_two_uses_stored_old_logps(tokenizer):
@@ -203,3 +230,18 @@ def test_dataset_without_prompt_column(tokenizer):
     with pytest.raises(DataError, match="row 1 has no 'answer' column.*which the reward functions read"):
         GRPOTrainer(model, tokenizer, ["format", "answer"], tiny_config(), [{"prompt": "a", "answer": "1"},
                                                                            {"prompt": "b"}])
+
+
+def test_fp16_full_finetuning_on_a_t4_is_refused_with_the_fix(tokenizer, monkeypatch):
+    """GradScaler cannot unscale fp16 gradients: on an fp16-only GPU the trainer says what to do
+    instead of failing at the first optimiser step. (The GPU is faked: device and compute dtype.)"""
+    import grpo_lib.trainer as tr
+
+    monkeypatch.setattr(tr, "model_device", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(tr, "compute_dtype", lambda d: torch.float16)
+    model = make_tiny_llama(len(tokenizer)).half()
+    with pytest.raises(ValueError, match="lora_r > 0"):
+        GRPOTrainer(model, tokenizer, [has_a_vowel_count], tiny_config(lora_r=0, beta=0.0), PROMPTS)
+    lora = add_random_lora(make_tiny_llama(len(tokenizer)), seed=0)  # fp32 adapters: accepted
+    GRPOTrainer(lora, tokenizer, [has_a_vowel_count], tiny_config(), PROMPTS)
+
