@@ -181,7 +181,7 @@ COMPONENTS = {
     "kv_cache": ("generation", "keys/values of N rows x (prompt + completion) tokens x layers"),
     "sampling_buffers": ("generation", "per-token [N, vocab] fp32 logits and probabilities"),
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
-    "activations": ("training", "tensors autograd saves for backward, one micro-batch"),
+    "activations": ("training", "tensors autograd saves for backward: a micro-batch, or one group on the shared path"),
     "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward"),
     "layer_backward": ("training", "one layer's backward: its recomputed activations (checkpointing), gradients"),
 }
@@ -416,7 +416,7 @@ def format_report(report: MemoryReport) -> str:
         f"{s['completions']} completions/step = {s['completions'] // s['num_generations']} prompts x "
         f"G={s['num_generations']}, prompt ~{s['prompt_tokens']} + completion {s['completion_tokens']} tokens, "
         f"micro-batch {s['micro_batch']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-        f"{', shared prompt forward' if s['share_prompt_forward'] else ''}",
+        f"{', shared prompt forward (one backward per group)' if s['share_prompt_forward'] else ''}",
         "",
         f"{'component':20} {'alive during':13} {'bytes':>10}",
     ]
