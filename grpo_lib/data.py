@@ -15,7 +15,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from .rewards import extract_gsm8k_gold
+from .answers import extract_gsm8k_gold
 
 SYSTEM_PROMPT = "Give the final answer as a number inside <answer></answer> tags."
 

@@ -37,20 +37,15 @@ import warnings
 from fractions import Fraction
 
 from grpo_lib import sandbox
+from grpo_lib.answers import completion_text, extract_gsm8k_gold, extract_tagged_answer
 
-# grpo_lib.rewards, and with it torch, is imported inside the reward functions (_rewards()): the math
-# worker process imports this module and should start in half a second, not three.
+# no torch here (nor grpo_lib.rewards, which imports this module): the math worker process imports this
+# module and should start in half a second, not three.
 
 MAX_ANSWER_CHARS = 500
 """Answers longer than this are not parsed (never equal): GSM8K/MATH answers are short."""
 MAX_CODE_CHARS = 100_000
 """Code longer than this is neither parsed nor run."""
-
-
-def _rewards():
-    from grpo_lib import rewards
-
-    return rewards
 
 
 def default_backend() -> str:
@@ -316,7 +311,7 @@ def _closing_brace(text: str, open_at: int) -> int | None:
 
 def extract_final_answer(text: str) -> str | None:
     """The last <answer>...</answer>, else the last \\boxed{...}; None if neither."""
-    tagged = _rewards().extract_tagged_answer(text)
+    tagged = extract_tagged_answer(text)
     return tagged if tagged is not None else last_boxed(text)
 
 
@@ -326,7 +321,7 @@ def _gold_text(gold) -> str | None:
         return None
     text = str(gold).strip()
     if "####" in text:
-        text = _rewards().extract_gsm8k_gold(text)
+        text = extract_gsm8k_gold(text)
     return text or None
 
 
@@ -340,7 +335,7 @@ def make_math_answer_reward(percent_ok: bool = False, backend: str | None = None
         if answer is None:
             return [None] * len(completions)
         golds = [_gold_text(a) for a in answer]
-        preds = [extract_final_answer(_rewards().completion_text(c)) for c in completions]
+        preds = [extract_final_answer(completion_text(c)) for c in completions]
         rows = [i for i, (p, g) in enumerate(zip(preds, golds, strict=True)) if p is not None and g is not None]
         equal = math_equal_many([(preds[i], golds[i]) for i in rows], percent_ok, backend, timeout_s,
                                 batch_timeout_s)
@@ -386,7 +381,7 @@ def parses(code: str | None) -> bool:
 
 def code_syntax_reward(prompts, completions, **columns):
     """1.0 if the completion has a fenced Python block that parses, else 0.0."""
-    return [1.0 if parses(extract_code(_rewards().completion_text(c))) else 0.0 for c in completions]
+    return [1.0 if parses(extract_code(completion_text(c))) else 0.0 for c in completions]
 
 
 code_syntax_reward.__name__ = "code_syntax"
@@ -424,7 +419,7 @@ def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, 
         t = split_tests(t)
         if not t:
             continue
-        code = extract_code(_rewards().completion_text(c))
+        code = extract_code(completion_text(c))
         if code is None or len(code) > MAX_CODE_CHARS:
             out[i] = sandbox.SandboxResult(0, len(t), "no ```python code block (or longer than MAX_CODE_CHARS)")
             continue
