@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import dataclass, fields
 
+# The choices of the string knobs, defined here once; loss.py and advantages.py import them.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 LONG_PROMPT_POLICIES = ("skip", "error")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -36,6 +41,9 @@ class GRPOConfig:
     """peft target spec: "all-linear" or comma-separated module names (e.g. "q_proj,v_proj")."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory, ~30% more compute."""
+    dtype: str = "auto"
+    """Compute dtype: "auto" (bf16 on GPUs that have it, fp16 on those that do not such as a T4, fp32 on
+    CPU), or "float32", "bfloat16", "float16" (fp16 trains with loss scaling)."""
 
     # --- data ------------------------------------------------------------------------------
     task: str = "gsm8k"
@@ -216,31 +224,28 @@ PRESETS: dict[str, dict] = {
 # validation: every field, with its name and the fix in the message
 # ----------------------------------------------------------------------------------------------
 
-_TYPES: dict[str, type | tuple] = {
-    "model": str, "load_in_4bit": bool, "lora_r": int, "lora_alpha": int, "lora_dropout": float,
-    "lora_target_modules": str, "gradient_checkpointing": bool, "task": str,
-    "system_prompt": (str, type(None)), "one_shot": bool, "num_eval_prompts": int,
-    "max_prompt_length": int, "long_prompts": str, "prompts_per_step": int, "num_generations": int,
-    "max_completion_length": int, "temperature": float, "top_p": float, "reward_funcs": tuple,
-    "reward_weights": (tuple, type(None)), "reward_timeout_s": float, "learning_rate": float,
-    "lr_scheduler_type": str, "warmup_steps": int, "weight_decay": float, "max_grad_norm": float,
-    "gradient_accumulation_steps": int, "num_iterations": int, "beta": float, "epsilon": float,
-    "epsilon_high": (float, type(None)), "loss_type": str, "scale_rewards": str, "max_steps": int,
-    "seed": int, "logprob_chunk_size": int, "share_prompt_forward": bool, "save_steps": int,
-    "save_total_limit": int,
-}
+def _runtime_types(hint) -> tuple[type, ...]:
+    """The isinstance() classes of a field annotation: `int` -> (int,), `str | None` -> (str, NoneType),
+    `tuple[str, ...]` -> (tuple,)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _runtime_types(arg))
+    return (typing.get_origin(hint) or hint,)
 
 
-def _check_type(name: str, value, expected) -> None:
-    expected = expected if isinstance(expected, tuple) else (expected,)
+def field_types() -> dict[str, tuple[type, ...]]:
+    """Each GRPOConfig field's accepted classes, read off the dataclass annotations (one source of truth)."""
+    hints = typing.get_type_hints(GRPOConfig)
+    return {f.name: _runtime_types(hints[f.name]) for f in fields(GRPOConfig)}
+
+
+def _check_type(name: str, value, expected: tuple[type, ...]) -> None:
+    wanted = " or ".join("None" if t is type(None) else t.__name__ for t in expected)
     if bool not in expected and isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} is a bool; expected {' or '.join(t.__name__ for t in expected)}")
+        raise ConfigError(f"{name}={value!r} is a bool; expected {wanted}")
     if float in expected and isinstance(value, int):
         return  # an int is a fine float
     if not isinstance(value, expected):
-        raise ConfigError(
-            f"{name}={value!r} has type {type(value).__name__}; expected {' or '.join(t.__name__ for t in expected)}"
-        )
+        raise ConfigError(f"{name}={value!r} has type {type(value).__name__}; expected {wanted}")
 
 
 def _require(ok: bool, name: str, value, rule: str) -> None:
@@ -250,7 +255,7 @@ def _require(ok: bool, name: str, value, rule: str) -> None:
 
 def validate(c: GRPOConfig) -> None:
     """Raise ConfigError naming the first invalid field and how to fix it."""
-    for name, expected in _TYPES.items():
+    for name, expected in field_types().items():
         _check_type(name, getattr(c, name), expected)
     _require(c.num_generations >= 2, "num_generations", c.num_generations,
              "GRPO compares completions inside a group, so it needs at least 2 (4-16 is usual)")
@@ -260,6 +265,9 @@ def validate(c: GRPOConfig) -> None:
     for name in ("lora_r", "warmup_steps", "save_steps", "num_eval_prompts"):
         _require(getattr(c, name) >= 0, name, getattr(c, name), "must be >= 0")
     _require(c.lora_r == 0 or c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "must be > 0 when lora_r > 0")
+    _require(c.lora_r > 0 or not c.load_in_4bit, "lora_r", c.lora_r,
+             "4-bit weights cannot be trained: with load_in_4bit=True set lora_r > 0 (QLoRA), or load_in_4bit=False "
+             "for full fine-tuning")
     _require(0.0 <= c.lora_dropout < 1.0, "lora_dropout", c.lora_dropout, "must be in [0, 1)")
     _require(c.batch_size % c.gradient_accumulation_steps == 0, "gradient_accumulation_steps",
              c.gradient_accumulation_steps,
@@ -277,8 +285,9 @@ def validate(c: GRPOConfig) -> None:
     _require(c.scale_rewards in SCALE_REWARDS, "scale_rewards", c.scale_rewards, f"choose one of {SCALE_REWARDS}")
     _require(c.long_prompts in LONG_PROMPT_POLICIES, "long_prompts", c.long_prompts,
              f"choose one of {LONG_PROMPT_POLICIES}")
-    _require(c.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
-             c.lr_scheduler_type, "choose one of ('constant', 'linear', 'cosine')")
+    _require(c.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type", c.lr_scheduler_type,
+             f"choose one of {LR_SCHEDULERS}")
+    _require(c.dtype in DTYPES, "dtype", c.dtype, f"choose one of {DTYPES}")
     _require(c.reward_timeout_s > 0, "reward_timeout_s", c.reward_timeout_s, "must be > 0 seconds")
     _require(len(c.reward_funcs) >= 1, "reward_funcs", c.reward_funcs, "name at least one reward function")
     _require(all(isinstance(n, str) for n in c.reward_funcs), "reward_funcs", c.reward_funcs,

@@ -70,11 +70,26 @@ def has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on those that do not (T4), fp32 on CPU."""
+def compute_dtype(device: str | torch.device, name: str = "auto") -> torch.dtype:
+    """The dtype config.dtype names; "auto": bf16 on GPUs that have it, fp16 on those that do not (T4),
+    fp32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if has_native_bf16() else torch.float16
     return torch.float32
+
+
+def model_compute_dtype(model) -> torch.dtype:
+    """The dtype a loaded model's matmuls run in: bitsandbytes' compute dtype for a 4-bit model (its other
+    parameters are fp32 after kbit preparation), else the dtype of its frozen (or, without any, all) weights."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is not None:
+        name = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else quant.bnb_4bit_compute_dtype
+        return getattr(torch, str(name).replace("torch.", "")) if not isinstance(name, torch.dtype) else name
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in params if not p.requires_grad]
+    return (frozen or params)[0].dtype
 
 
 def default_device() -> str:
@@ -146,10 +161,14 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
 
 
 def load_policy_from_config(config, device: str | None = None):
+    """(model, tokenizer) as the config describes them (model, load_in_4bit, lora_*, gradient_checkpointing,
+    dtype), on `device` (default: the GPU if there is one)."""
+    device = device or default_device()
     return load_policy(config.model, load_in_4bit=config.load_in_4bit, lora_r=config.lora_r,
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        lora_target_modules=config.lora_target_modules,
-                       gradient_checkpointing=config.gradient_checkpointing, device=device)
+                       gradient_checkpointing=config.gradient_checkpointing, device=device,
+                       dtype=compute_dtype(device, config.dtype))
 
 
 def is_peft(model) -> bool:

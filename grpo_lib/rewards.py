@@ -1,23 +1,33 @@
 """Reward functions and the rule that combines them.
 
-A reward function has TRL's signature
+A reward function is called exactly as TRL's GRPOTrainer calls it, with keyword arguments only:
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts=, completions=, completion_ids=, **columns, trainer_state=, log_extra=, log_metric=)
+        -> list[float | None]
 
-one value per completion; `None` means "does not apply" (e.g. no gold answer) and is *not* a zero.
-`columns` holds the dataset's other columns repeated per completion (e.g. `answer`).
-Combining F functions with weights w:  total_i = sum_f w_f * r_{i,f}  over the f whose r_{i,f} applies.
+one value per completion. `prompts` [N] is the dataset's prompt of each completion (chat messages or
+text); `completions` [N] is each completion's text, or, when the prompts are chat messages (a
+"conversational" dataset), a one-message list [{"role": "assistant", "content": text}];
+`completion_ids` [N] its token ids; `columns` the dataset's other columns, each repeated per completion
+(e.g. `answer`); `trainer_state` has TRL's `global_step` and `max_steps`; `log_extra(column, values)`
+and `log_metric(name, value)` let a function log what it saw. So any function from TRL's docs,
+`trl.rewards` or a tutorial (`def f(completions, **kwargs)`) runs unchanged here, and ours run in TRL.
+`None` means "does not apply" (e.g. no gold answer) and is *not* a zero.
+
+Combining F functions with weights w:  total_i = sum_f w_f * r_{i,f}  over the f whose r_{i,f} applies;
+a completion to which no function applies is *unscorable*: its total is NaN (see advantages.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,7 +52,7 @@ def regex_reward(pattern: str, name: str | None = None, flags: int = re.DOTALL, 
     """A format reward: `value` if the whole completion matches `pattern` (re.fullmatch), else 0."""
     compiled = re.compile(pattern, flags)
 
-    def reward(prompts, completions, **columns):
+    def reward(completions, **kwargs):
         return [value if compiled.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
 
     reward.__name__ = name or f"regex_reward({pattern!r})"
@@ -55,7 +65,7 @@ STRICT_FORMAT = r"(?:<think>.*?</think>\s*)?[^<]*<answer>\s*-?[\d,]*\.?\d+\s*</a
 format_reward = regex_reward(STRICT_FORMAT, name="format")
 
 
-def answer_reward(prompts, completions, answer=None, **columns):
+def answer_reward(completions, answer=None, **kwargs):
     """1.0 if the number in <answer>...</answer> equals the gold `answer` column, else 0.0.
     Tolerant of '1,000', '$5', '7.0'. None where the row has no gold answer."""
     if answer is None:
@@ -75,7 +85,7 @@ answer_reward.__name__ = "answer"
 answer_reward.required_columns = ("answer",)  # the dataset columns it reads, checked by the trainer
 
 
-def xml_count_reward(prompts, completions, **columns):
+def xml_count_reward(completions, **kwargs):
     """Partial credit for the tag structure <think>..</think><answer>..</answer> (0.125 per tag used once),
     minus 0.001 per character after </answer>: a dense signal before the strict format is learned."""
     out = []
@@ -94,16 +104,42 @@ xml_count_reward.__name__ = "xml_count"
 def length_reward(max_chars: int = 200, name: str = "length"):
     """1.0 for completions up to `max_chars` characters, decaying linearly to 0 at twice that."""
 
-    def reward(prompts, completions, **columns):
+    def reward(completions, **kwargs):
         return [max(0.0, min(1.0, 2.0 - len(completion_text(c)) / max_chars)) for c in completions]
 
     reward.__name__ = name
     return reward
 
 
+_LARGER_CLAIM = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)\s+is\s+(?:larger|bigger|greater)\s+than\s+(-?\d[\d,]*(?:\.\d+)?)",
+                           re.IGNORECASE)
+
+
+def consistency_reward(completions, **kwargs):
+    """For "Which is larger?" answers: 1.0 if every claim "X is larger than Y" in the text is true and the
+    tagged answer is the X claimed, 0.0 if a claim is false or disagrees with the tag, None without a claim
+    or a tag. `answer` checks the tagged number only, so "40 is larger than 50. <answer>50</answer>" gets
+    full marks there; this function measures whether the reasoning supports the answer."""
+    out = []
+    for c in completions:
+        text = completion_text(c)
+        claims = [(parse_number(a), parse_number(b)) for a, b in _LARGER_CLAIM.findall(text)]
+        tagged = parse_number(extract_tagged_answer(text))
+        if not claims or tagged is None:
+            out.append(None)
+            continue
+        out.append(1.0 if all(a is not None and b is not None and a > b and numbers_equal(tagged, a)
+                              for a, b in claims) else 0.0)
+    return out
+
+
+consistency_reward.__name__ = "consistency"
+
+
 REWARD_FUNCS = {
     "format": format_reward,
     "answer": answer_reward,
+    "consistency": consistency_reward,
     "xml_count": xml_count_reward,
     "length": length_reward(),
     "math_equal": verify.math_answer_reward,
@@ -139,30 +175,63 @@ def reward_name(fn) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def is_conversational(prompt) -> bool:
+    """A prompt given as chat messages [{"role": ..., "content": ...}] (TRL's conversational format)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
+def reward_inputs(rows: list[dict], completions: list[str], num_generations: int,
+                  completion_ids: list[list[int]] | None = None) -> dict:
+    """The arguments TRL gives reward functions, for G completions per dataset row, group-major.
+
+    rows: [groups] dataset rows ("prompt" and other columns); completions: [N = groups * G] texts;
+    completion_ids: [N] token-id lists (EOS included). Returns the keyword arguments of score_completions:
+    {"prompts": [N], "completions": [N] (chat messages when the prompts are), "completion_ids": [N] | None,
+    "columns": {column: [N]}}, every row's values repeated G times.
+    """
+    G = num_generations
+    if len(completions) != len(rows) * G:
+        raise ValueError(f"{len(completions)} completions for {len(rows)} rows x G={G}; expected {len(rows) * G}")
+    chat = bool(rows) and is_conversational(rows[0]["prompt"])
+    columns = {k: [row.get(k) for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"} if rows else {}
+    return {"prompts": [row["prompt"] for row in rows for _ in range(G)],
+            "completions": [[{"role": "assistant", "content": c}] for c in completions] if chat else list(completions),
+            "completion_ids": completion_ids, "columns": columns}
+
+
 @dataclass
 class RewardScores:
     names: list[str]  # [F]
     per_func: torch.Tensor  # [N, F] float, NaN where a function does not apply
     weights: torch.Tensor  # [F]
-    total: torch.Tensor  # [N] = nansum_f w_f * per_func[:, f]
+    total: torch.Tensor  # [N] = nansum_f w_f * per_func[:, f]; NaN where no function applies (unscorable)
+    logged_metrics: dict = field(default_factory=dict)  # name -> mean of what functions passed to log_metric
+    logged_columns: dict = field(default_factory=dict)  # column -> [N] values passed to log_extra
 
     def as_lists(self) -> list[list[float | None]]:
         """[N][F] with None for "does not apply" (how StepRecord stores it)."""
         return [[None if math.isnan(v) else v for v in row] for row in self.per_func.tolist()]
 
+    @property
+    def unscorable(self) -> torch.Tensor:
+        """[N] bool: no reward function applies to the completion."""
+        return self.per_func.isnan().all(dim=1)
+
 
 def combine_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """total_i = sum_f w_f r_{i,f} over the functions that apply (NaN = does not apply).  [N, F] -> [N]"""
-    return torch.nansum(per_func * weights[None, :], dim=1)
+    """total_i = sum_f w_f r_{i,f} over the functions that apply (NaN = does not apply); NaN where none
+    applies, since an unscorable completion is not one that scored 0.  [N, F] -> [N]"""
+    total = torch.nansum(per_func * weights[None, :], dim=1)
+    return total.masked_fill(per_func.isnan().all(dim=1), float("nan"))
 
 
 def _shorten(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n // 2] + " ... " + text[-n // 2 :]
 
 
-def _call_with_timeout(fn, timeout_s: float, args: tuple, kwargs: dict):
-    """Call fn; raise TimeoutError after timeout_s. In the main thread on POSIX SIGALRM interrupts the
-    call itself; elsewhere the call runs in a daemon thread that is abandoned (it cannot be killed)."""
+def _call_with_timeout(fn, timeout_s: float, kwargs: dict):
+    """Call fn(**kwargs); raise TimeoutError after timeout_s. In the main thread on POSIX SIGALRM interrupts
+    the call itself; elsewhere the call runs in a daemon thread that is abandoned (it cannot be killed)."""
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
         def on_alarm(signum, frame):
             raise TimeoutError
@@ -170,7 +239,7 @@ def _call_with_timeout(fn, timeout_s: float, args: tuple, kwargs: dict):
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
-            return fn(*args, **kwargs)
+            return fn(**kwargs)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
@@ -178,7 +247,7 @@ def _call_with_timeout(fn, timeout_s: float, args: tuple, kwargs: dict):
 
     def target():
         try:
-            result["value"] = fn(*args, **kwargs)
+            result["value"] = fn(**kwargs)
         except BaseException as e:  # handed to the caller below
             result["error"] = e
 
@@ -224,25 +293,38 @@ def _checked_values(name: str, values, completions: list) -> list[float]:
     return out
 
 
-def score_completions(reward_funcs, prompts: list, completions: list, columns: dict | None = None,
-                      weights=None, timeout_s: float = 30.0, num_generations: int | None = None) -> RewardScores:
-    """Call each reward function on all N completions and combine them.
+def default_trainer_state(global_step: int = 0, max_steps: int = 0):
+    """What TRL passes as `trainer_state`: a transformers.TrainerState (global_step, max_steps, epoch, ...)."""
+    from transformers import TrainerState
 
-    prompts, completions: [N] (prompt repeated per completion); columns: name -> [N] values.
+    return TrainerState(global_step=global_step, max_steps=max_steps)
+
+
+def score_completions(reward_funcs, prompts: list, completions: list, columns: dict | None = None,
+                      weights=None, timeout_s: float = 30.0, num_generations: int | None = None,
+                      completion_ids: list[list[int]] | None = None, trainer_state=None) -> RewardScores:
+    """Call each reward function on all N completions the way TRL does, check what it returns, combine.
+
+    prompts, completions, completion_ids: [N] (as reward_inputs builds them); columns: name -> [N] values.
     A function that raises, hangs past timeout_s, or returns the wrong kind of values gets a
-    RewardFunctionError naming it, the sample index and a shortened completion.
+    RewardFunctionError naming it, the sample index and a shortened completion. Returns CPU tensors.
     """
     funcs = resolve_reward_funcs(reward_funcs)
     names = [reward_name(f) for f in funcs]
     w = torch.ones(len(funcs)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     if len(w) != len(funcs):
         raise RewardFunctionError(f"{len(w)} reward weights for {len(funcs)} reward functions {names}")
-    columns = columns or {}
+    logged_metrics: dict[str, list[float]] = {}
+    logged_columns: dict[str, list] = {}
+    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **(columns or {}),
+              "trainer_state": trainer_state if trainer_state is not None else default_trainer_state(),
+              "log_extra": lambda column, values: logged_columns.__setitem__(column, list(values)),
+              "log_metric": lambda name, value: logged_metrics.setdefault(name, []).append(float(value))}
     cols = []
     for f, name in zip(funcs, names):
         start = time.monotonic()
         try:
-            values = _call_with_timeout(f, timeout_s, (prompts, completions), columns)
+            values = _call_with_timeout(f, timeout_s, kwargs)
         except TimeoutError:
             raise RewardFunctionError(
                 f"reward function {name!r} took more than reward_timeout_s={timeout_s}s on {len(completions)} "
@@ -251,22 +333,46 @@ def score_completions(reward_funcs, prompts: list, completions: list, columns: d
         except RewardFunctionError:
             raise
         except Exception as e:
-            raise RewardFunctionError(_describe_failure(f, name, e, prompts, completions, columns)) from e
+            raise RewardFunctionError(_describe_failure(f, name, e, kwargs)) from e
         cols.append(_checked_values(name, values, completions))
     per_func = torch.tensor(cols, dtype=torch.float32).T.reshape(len(completions), len(funcs))  # [N, F]
     if num_generations:
         _warn_inapplicable_groups(per_func, num_generations, prompts)
-    return RewardScores(names, per_func, w, combine_rewards(per_func, w))
+    return RewardScores(names, per_func, w, combine_rewards(per_func, w),
+                        {k: sum(v) / len(v) for k, v in logged_metrics.items()}, logged_columns)
 
 
-def _describe_failure(f, name, error, prompts, completions, columns) -> str:
+_PER_COMPLETION = ("prompts", "completions", "completion_ids")
+_HOOKS = ("trainer_state", "log_extra", "log_metric")
+
+
+def _accepts(f, kwargs: dict) -> bool:
+    """Whether f's signature accepts these keyword arguments (False: it was not written for TRL's call)."""
+    try:
+        inspect.signature(f).bind(**kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect (some builtins): assume it does
+        return True
+    return True
+
+
+def _describe_failure(f, name, error, kwargs) -> str:
     """Find the first sample on which `f` fails when called alone, to name it in the message."""
-    for i in range(len(completions)):
+    if isinstance(error, TypeError) and not _accepts(f, kwargs):
+        dataset_columns = [k for k in kwargs if k not in _PER_COMPLETION and k not in _HOOKS]
+        return (f"reward function {name!r} raised TypeError: {error}. Reward functions are called as TRL calls "
+                f"them, with keyword arguments only: prompts=, completions=, completion_ids=, the dataset's columns "
+                f"({', '.join(dataset_columns) or 'none'}), trainer_state=, log_extra=, log_metric=; give it "
+                f"**kwargs for the ones it does not use")
+    n = len(kwargs["completions"])
+    for i in range(n):
+        one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
         try:
-            f(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+            f(**one)
         except Exception as e:  # this sample is the culprit
             return (f"reward function {name!r} raised {type(e).__name__}: {e} on sample {i} "
-                    f"(completion {_shorten(completion_text(completions[i]))!r})")
+                    f"(completion {_shorten(completion_text(kwargs['completions'][i]))!r})")
     return f"reward function {name!r} raised {type(error).__name__}: {error} (on the whole batch)"
 
 
@@ -274,5 +380,5 @@ def _warn_inapplicable_groups(per_func: torch.Tensor, G: int, prompts: list) -> 
     none_everywhere = torch.isnan(per_func).all(dim=1).reshape(-1, G).all(dim=1)  # [groups]
     for g in torch.nonzero(none_everywhere).flatten().tolist():
         warnings.warn(f"no reward function applies to any completion of group {g} (prompt "
-                      f"{_shorten(completion_text(prompts[g * G]))!r}); its total is 0 and it teaches nothing",
+                      f"{_shorten(str(prompts[g * G]))!r}); it is unscorable and teaches nothing",
                       RewardWarning, stacklevel=3)

@@ -42,19 +42,32 @@ class StepRecord:
     reward_names: list[str]  # [F]
     rewards: list[list[float | None]]  # [N, F] per-function rewards, None = does not apply
     reward_weights: list[float]  # [F]
-    total: list[float]  # [N] weighted sum over functions that apply
+    total: list[float | None]  # [N] weighted sum over functions that apply; None = unscorable
     advantages: list[float]  # [N]
     truncated: list[bool]  # [N] hit max_completion_length without EOS
     lengths: list[int]  # [N] completion tokens (EOS included)
     num_generations: int
     metrics: dict[str, float] = field(default_factory=dict)  # flat, "/"-separated keys
-    answers: list[str | None] = field(default_factory=list)  # [groups] gold answers, if the task has them
+    columns: dict[str, list] = field(default_factory=dict)  # dataset column -> [groups] values ("prompt": raw)
+    completion_ids: list[list[int]] = field(default_factory=list)  # [N][len] token ids (EOS included)
     tokens: list[list[str]] = field(default_factory=list)  # [N][len] token strings, for the inspector
     token_stats: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [N][len] (logp, ratio, kl)
+    logged: dict[str, list] = field(default_factory=dict)  # column -> [N] values reward functions passed to log_extra
 
     @property
     def num_groups(self) -> int:
         return len(self.prompts)
+
+    @property
+    def answers(self) -> list:
+        """[groups] gold answers (the dataset's "answer" column), [] if the task has none."""
+        return self.columns.get("answer", [])
+
+    def rows(self) -> list[dict]:
+        """[groups] the dataset rows of the step (the "prompt" and other columns), for re-scoring. Without a
+        stored raw prompt (older logs), the formatted prompt text stands in for it."""
+        return [{"prompt": self.prompts[g], **{k: v[g] for k, v in self.columns.items()}}
+                for g in range(self.num_groups)]
 
     def group_slice(self, g: int) -> slice:
         G = self.num_generations
@@ -66,6 +79,8 @@ class StepRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "StepRecord":
         names = {f.name for f in fields(cls)}
+        if "answers" in d and "columns" not in d:  # logs written before the columns field
+            d = {**d, "columns": {"answer": d["answers"]}}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
