@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, GRPOConfig
@@ -42,61 +42,43 @@ def build_config(args) -> GRPOConfig:
 
 
 def cmd_train(args) -> int:
-    from . import data, eval as evaluation, models, runlog
+    from . import data, eval as evaluation, memory, models, runlog
     from .trainer import GRPOTrainer
+    from .widgets import TrainingDashboard
 
     config = build_config(args)
     run_dir = Path(args.run_dir)
     print(f"config: {config.model} task={config.task} G={config.num_generations} "
           f"prompts/step={config.prompts_per_step} steps={config.max_steps} -> {run_dir}", flush=True)
-    if not _memory_plan_fits(config):
-        return 3
+    report = memory.plan_or_refuse(config)  # on a GPU: refuse, before loading anything, a run that cannot fit
+    if report is not None:
+        print(memory.format_report(report), flush=True)
     t0 = time.time()
     model, tokenizer = models.load_policy_from_config(config)
     print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
-    train_rows = data.load_task(config.task, "train", seed=config.seed, system_prompt=config.system_prompt,
-                                one_shot=config.one_shot)
-    eval_rows = data.load_task(config.task, "test", n=config.num_eval_prompts, seed=config.seed,
-                               system_prompt=config.system_prompt,
-                               one_shot=config.one_shot) if config.num_eval_prompts else []
-    trainer = GRPOTrainer(model, tokenizer, config=config, train_dataset=train_rows, run_dir=run_dir)
+    eval_rows = data.task_rows(config, "test") if config.num_eval_prompts else []
+    trainer = GRPOTrainer(model, tokenizer, config=config, train_dataset=data.task_rows(config), run_dir=run_dir)
     if args.resume:
         print(f"resumed from step {trainer.resume(force=args.force)}", flush=True)
 
-    before = _cached_eval(run_dir / "eval_before.json", lambda: evaluation.evaluate(
-        model, tokenizer, eval_rows, config.max_completion_length)) if eval_rows else None
+    t_eval = time.time()
+    before = _cached_eval(run_dir / "eval_before.json",
+                          lambda: evaluation.evaluate(model, tokenizer, eval_rows, config)) if eval_rows else None
     if before:
         print(f"before training: format {before['format']:.3f}  correct {before['accuracy']:.3f} "
               f"on {before['n']} held-out prompts", flush=True)
-    from .widgets import TrainingDashboard
-
-    dashboard = TrainingDashboard(config.max_steps)
+    dashboard = TrainingDashboard(config.max_steps, eval_seconds=time.time() - t_eval if eval_rows else None)
     trainer.train(on_step=dashboard.update)
     dashboard.close()
+    after = None
     if eval_rows:
-        after = evaluation.evaluate(model, tokenizer, eval_rows, config.max_completion_length)
+        after = evaluation.evaluate(model, tokenizer, eval_rows, config)
         _write_json(run_dir / "eval_after.json", after)
         print("\n" + evaluation.comparison_table(before, after), flush=True)
-    _save_plots(run_dir, before, after if eval_rows else None)
+    _save_plots(run_dir, before, after)
     print(f"\nrun log {run_dir / runlog.LOG_NAME}, adapter {run_dir / 'adapter'}, "
           f"total {time.time() - t0:.0f}s", flush=True)
     return 0
-
-
-def _memory_plan_fits(config) -> bool:
-    """On a GPU, print the planned peak memory and refuse a run that would not fit (with cheaper settings)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return True
-    from . import memory
-
-    report = memory.estimate(config, config.model)
-    print(memory.format_report(report), flush=True)
-    if not report.fits:
-        print("refusing to start: this configuration would not fit on this GPU. Try:\n  "
-              + "\n  ".join(memory.suggest_cheaper(config, config.model, report.device_bytes)), file=sys.stderr)
-    return report.fits
 
 
 def _cached_eval(path: Path, compute) -> dict:
@@ -132,6 +114,8 @@ def cmd_plan(args) -> int:
     config = build_config(args)
     report = memory.estimate(config, config.model)
     print(memory.format_report(report))
+    if not report.fits:
+        print("cheaper settings:\n  " + "\n  ".join(memory.suggest_cheaper(config, config.model, report.device_bytes)))
     return 0 if report.fits else 1
 
 
@@ -153,12 +137,33 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> dict[type, str]:
+    """The exceptions that are the user's to fix (bad config, data, run directory, reward function, model
+    name, memory), each with the label of its one-line message. Anything else is a bug: a traceback."""
+    from .data import DataError
+    from .memory import MemoryPlanError
+    from .rewards import RewardFunctionError
+    from .runlog import RunDirError
+    from .trainer import StepOOMError
+
+    return {ConfigError: "config error", DataError: "data error", RunDirError: "run directory",
+            RewardFunctionError: "reward function", MemoryPlanError: "memory", StepOOMError: "out of memory",
+            OSError: "cannot load", ValueError: "error"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    # peft asks transformers a deprecated question on every forward; not the user's concern
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return {"train": cmd_train, "plan": cmd_plan}[args.command](args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: the run log and the last checkpoint are kept; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        label = next((label for kind, label in user_errors().items() if isinstance(e, kind)), None)
+        if label is None or os.environ.get("GRPO_LIB_DEBUG"):  # GRPO_LIB_DEBUG=1: the full traceback
+            raise
+        if label == "memory":  # the plan table and the cheaper settings
+            print(f"{label}: {e}", file=sys.stderr)
+            return 3
+        print(f"{label}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -146,6 +146,15 @@ def load_task(task: str, split: str = "train", n: int | None = None, seed: int =
     return synthetic_rows(task, n or 2000, split, seed, system_prompt, one_shot)
 
 
+def task_rows(config, split: str = "train", n: int | None = None) -> list[dict]:
+    """Rows of config.task's split, built with the config's system prompt, one-shot turn and seed. For
+    "test" the default n is config.num_eval_prompts (the held-out prompts of evaluate)."""
+    if n is None and split == "test":
+        n = config.num_eval_prompts
+    return load_task(config.task, split, n=n, seed=config.seed, system_prompt=config.system_prompt,
+                     one_shot=config.one_shot)
+
+
 # ----------------------------------------------------------------------------------------------
 # formatting and checking
 # ----------------------------------------------------------------------------------------------

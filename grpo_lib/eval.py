@@ -1,55 +1,73 @@
 """Evaluation on held-out prompts: format compliance, correctness and mean reward, reported separately.
 
-By default each prompt gets `num_samples` completions sampled at the training temperature from a fixed
-seed (the policy GRPO actually trains, measured with less noise than one sample); temperature=None
-decodes greedily. The caller's RNG state is left untouched, so evaluating never changes a run.
+By default each prompt gets `num_samples` completions sampled with the config's sampling settings
+(temperature, top_p, max_completion_length: the policy GRPO actually trains, measured with less noise
+than one sample) from a fixed seed; greedy=True decodes greedily instead. Every random stream is
+restored afterwards (rng.forked_rng), so evaluating never changes what a run samples next.
 """
 
 from __future__ import annotations
 
-import torch
-
+from .config import GRPOConfig
 from .data import format_prompt
 from .models import model_device
-from .rewards import answer_reward, format_reward, resolve_reward_funcs, score_completions
+from .rewards import answer_reward, format_reward, resolve_reward_funcs, reward_inputs, score_completions
+from .rng import forked_rng
 from .sampling import generate_completions, sample_groups, tokenize_prompts
 
 
 def _completions(model, tokenizer, prompts: list, max_completion_length: int, num_samples: int,
-                 temperature: float | None) -> list[str]:
-    """[len(prompts) * num_samples] texts, prompt-major."""
+                 temperature: float | None, top_p: float) -> tuple[list[str], list[list[int]]]:
+    """([len(prompts) * num_samples] texts, their token ids), prompt-major; temperature None = greedy."""
     if temperature is None:
         texts = [format_prompt(tokenizer, p) for p in prompts]
         ids, mask = tokenize_prompts(tokenizer, texts, model_device(model))
-        return generate_completions(model, tokenizer, ids, mask, max_completion_length, do_sample=False,
-                                    temperature=None, top_p=None, top_k=None)[3]
-    return sample_groups(model, tokenizer, prompts, num_samples, max_completion_length, temperature).completion_texts
+        out_ids, out_mask, _, out_texts = generate_completions(model, tokenizer, ids, mask, max_completion_length,
+                                                               do_sample=False, temperature=None, top_p=None,
+                                                               top_k=None)
+        return out_texts, [row[:n] for row, n in zip(out_ids.tolist(), out_mask.sum(1).tolist())]
+    rollout = sample_groups(model, tokenizer, prompts, num_samples, max_completion_length, temperature, top_p)
+    return rollout.completion_texts, rollout.completion_id_lists()
 
 
-def evaluate(model, tokenizer, rows: list[dict], max_completion_length: int = 256, num_samples: int = 2,
-             temperature: float | None = 1.0, seed: int = 0, batch_size: int = 32, reward_funcs=None) -> dict:
+def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = None, *, num_samples: int = 2,
+             greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
+             max_completion_length: int | None = None, seed: int = 0, batch_size: int = 32,
+             reward_funcs=None, reward_weights=None) -> dict:
     """Score completions of `rows` (each with "prompt" and "answer").
 
+    Sampling settings come from `config` (default GRPOConfig()): temperature, top_p,
+    max_completion_length, and the reward functions and weights of "reward/mean"; the keyword arguments
+    override them. greedy=True: one greedy completion per prompt.
     Returns {"format": share with one well-formed <answer>NUMBER</answer>, "accuracy": share correct,
-    "reward/mean": mean total of reward_funcs (default format + answer), "n": prompts,
-    "samples": completions scored, "completions": their texts}.
+    "reward/mean": mean total of the reward functions over the scorable completions, "n": prompts,
+    "samples": completions scored, "completions": their texts, "settings": what was used}.
     """
-    num_samples = 1 if temperature is None else num_samples
-    funcs = resolve_reward_funcs(reward_funcs or [format_reward, answer_reward])
+    config = config or GRPOConfig()
+    temperature = None if greedy else (temperature or config.temperature)
+    top_p = config.top_p if top_p is None else top_p
+    max_completion_length = max_completion_length or config.max_completion_length
+    funcs = resolve_reward_funcs(reward_funcs or config.reward_funcs)
+    weights = reward_weights if reward_weights is not None else (None if reward_funcs else config.reward_weights)
+    num_samples = 1 if greedy else num_samples
     per_batch = max(1, batch_size // num_samples)
-    texts = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    texts, ids = [], []
+    with forked_rng(seed):
         for start in range(0, len(rows), per_batch):
             batch = [r["prompt"] for r in rows[start:start + per_batch]]
-            texts += _completions(model, tokenizer, batch, max_completion_length, num_samples, temperature)
-    prompts = [format_prompt(tokenizer, r["prompt"]) for r in rows for _ in range(num_samples)]
-    answers = [r.get("answer") for r in rows for _ in range(num_samples)]
-    fmt = torch.tensor(format_reward(prompts, texts), dtype=torch.float32)
-    correct = torch.tensor([v or 0.0 for v in answer_reward(prompts, texts, answer=answers)])
-    total = score_completions(funcs, prompts, texts, {"answer": answers}).total
-    return {"format": fmt.mean().item(), "accuracy": correct.mean().item(), "reward/mean": total.mean().item(),
-            "n": len(rows), "samples": len(texts), "completions": texts}
+            more_texts, more_ids = _completions(model, tokenizer, batch, max_completion_length, num_samples,
+                                                temperature, top_p)
+            texts, ids = texts + more_texts, ids + more_ids
+    inputs = reward_inputs(rows, texts, num_samples, ids)
+    fmt = format_reward(inputs["completions"])
+    correct = [v or 0.0 for v in answer_reward(inputs["completions"], answer=inputs["columns"].get("answer"))]
+    total = score_completions(funcs, **inputs, weights=weights).total
+    scorable = total[~total.isnan()]
+    return {"format": sum(fmt) / len(fmt), "accuracy": sum(correct) / len(correct),
+            "reward/mean": scorable.mean().item() if scorable.numel() else float("nan"),
+            "n": len(rows), "samples": len(texts), "completions": texts,
+            "settings": {"greedy": greedy, "temperature": temperature, "top_p": top_p, "num_samples": num_samples,
+                         "max_completion_length": max_completion_length, "seed": seed}}
 
 
 def comparison_table(before: dict, after: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from .config import LOSS_TYPES
 
 
 def probability_ratio(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:

@@ -152,13 +152,13 @@ def model_spec(model_or_spec) -> ModelSpec:
         table = {_key(k): s for k, s in MODEL_SPECS.items()}
         if _key(name) in table:
             return table[_key(name)]
-        if os.path.isfile(os.path.join(name, "config.json")):
-            from transformers import AutoConfig
+        from transformers import AutoConfig
 
-            return spec_from_config(AutoConfig.from_pretrained(name, local_files_only=True), name)
-        raise ValueError(f"no architecture known for model {name!r}: built in are {sorted(MODEL_SPECS)} "
-                         f"(hub ids, or without '-Instruct'); otherwise pass a local checkpoint folder, "
-                         f"a transformers config (AutoConfig.from_pretrained(...)) or a loaded model")
+        try:  # a local folder, or a hub id: its config.json (a few kB, before any weights are downloaded)
+            return spec_from_config(AutoConfig.from_pretrained(name), name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"no architecture known for model {name!r}: it is not built in ({sorted(MODEL_SPECS)}) "
+                             f"and its config.json could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
     if hasattr(model_or_spec, "num_hidden_layers") or hasattr(model_or_spec, "get_text_config"):
         return spec_from_config(model_or_spec)
     if hasattr(model_or_spec, "config"):
@@ -292,7 +292,8 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     P = prompt_length or min(config.max_prompt_length,
                              TYPICAL_PROMPT_TOKENS.get(config.task, config.max_prompt_length))
     T, N, r = config.max_completion_length, config.batch_size, config.lora_r
-    wb = 4 if cpu else 2  # bytes of the compute dtype: fp32 on CPU, bf16/fp16 on GPUs
+    # bytes of the compute dtype: config.dtype, or "auto": fp32 on CPU, bf16/fp16 on GPUs
+    wb = {"float32": 4, "bfloat16": 2, "float16": 2}.get(config.dtype, 4 if cpu else 2)
     four_bit = config.load_in_4bit
     stream_fp32 = cpu or four_bit  # kbit prep makes the residual stream fp32 (module docstring)
     notes = []
@@ -524,3 +525,25 @@ def suggest_cheaper(config, model_or_spec=None, device_bytes: int | None = None,
 
 def _changes(changes: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in changes.items())
+
+
+class MemoryPlanError(RuntimeError):
+    """The configuration would not fit on this GPU; the message holds the plan and cheaper settings."""
+
+
+def plan_or_refuse(config) -> MemoryReport | None:
+    """The plan of one training step of `config` on this machine's GPU, checked before anything is loaded
+    (the command line and notebook 05 both call this). Raises MemoryPlanError, with the plan and
+    cheaper settings, when it would not fit. None without a CUDA GPU: the planner covers GPUs (see
+    `python -m grpo_lib plan --preset colab-t4` for a T4)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    spec = model_spec(config.model)
+    report = estimate(config, spec)
+    if not report.fits:
+        advice = suggest_cheaper(config, spec, report.device_bytes)
+        raise MemoryPlanError(f"{format_report(report)}\n\nThis configuration would not fit on this GPU. "
+                              f"Cheaper settings:\n  " + "\n  ".join(advice))
+    return report

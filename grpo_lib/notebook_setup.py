@@ -70,39 +70,3 @@ def config_summary(config: GRPOConfig, fields: tuple[str, ...] = SUMMARY_FIELDS)
     """The knobs a notebook reader needs to see, one `name = value` a line (config.to_yaml() has all)."""
     width = max(len(f) for f in fields)
     return "\n".join(f"{f:<{width}} = {getattr(config, f)!r}" for f in fields)
-
-
-class MemoryPlanError(RuntimeError):
-    """The configuration would not fit on this GPU; the message holds the plan and cheaper settings."""
-
-
-def memory_plan(config: GRPOConfig) -> str:
-    """The planned peak memory of one training step of `config`, as text (grpo_lib.memory).
-
-    On a CUDA GPU: the plan for this GPU; raises MemoryPlanError, with the cheaper settings of
-    memory.suggest_cheaper, when it does not fit. Without one: the CPU run is not planned, and the plan of
-    the colab-t4 preset on a T4 is returned for information. A model missing from memory.MODEL_SPECS is
-    sized from its config.json (a few kB), so the plan comes before the weights are downloaded.
-    """
-    from . import memory
-
-    if not has_cuda():
-        t4 = GRPOConfig.preset(GPU_PRESET)
-        report = memory.estimate(t4, device_bytes=memory.T4_REPORTED_BYTES)
-        return (f"No CUDA GPU: this run trains on the CPU, which the planner does not cover. For information, "
-                f"the {GPU_PRESET!r} preset on a T4:\n{memory.format_report(report)}")
-    try:
-        spec = memory.model_spec(config.model)
-    except ValueError:  # not in the built-in table: read the architecture from the model's config.json
-        from transformers import AutoConfig
-
-        from .models import resolve_model_path
-
-        spec = memory.model_spec(AutoConfig.from_pretrained(resolve_model_path(config.model)))
-    report = memory.estimate(config, spec)
-    text = memory.format_report(report)
-    if not report.fits:
-        advice = memory.suggest_cheaper(config, spec, report.device_bytes)
-        raise MemoryPlanError(f"{text}\n\nThis configuration would not fit on this GPU. Cheaper settings "
-                              f"(OVERRIDES in the parameters cell):\n  " + "\n  ".join(advice))
-    return text

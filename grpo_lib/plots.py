@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import textwrap
 
 import matplotlib.pyplot as plt
 import torch
@@ -22,16 +23,20 @@ NEGATIVE_COLOR = "tab:red"  # advantage < 0: this completion is discouraged
 ZERO_COLOR = "tab:gray"  # advantage == 0: no gradient from this completion
 BEFORE_COLOR, AFTER_COLOR = "tab:gray", "tab:blue"
 
-# (panel title, metric keys or fnmatch patterns); a panel whose keys are all missing is skipped
+# (panel title, y-axis label, metric keys or fnmatch patterns). A panel whose keys were never logged is
+# skipped; one whose every series is constant over the run is left out and named, with its value, in a
+# note under the figure (e.g. clip fractions, 0 by construction at num_iterations=1, or a constant lr).
 CURVE_PANELS = (
-    ("reward (mean)", ("reward/mean", "reward/*/mean")),
-    ("reward std", ("reward/std",)),
-    ("zero-variance groups (fraction)", ("adv/zero_std_frac",)),
-    ("KL to reference", ("kl/mean",)),
-    ("completion length (tokens)", ("completion/mean_length",)),
-    ("truncated completions (fraction)", ("completion/truncated_frac",)),
-    ("clip fractions", ("clip/low", "clip/high", "clip/region")),
-    ("learning rate", ("lr",)),
+    ("reward (mean total)", "weighted total", ("reward/mean",)),
+    ("reward per function (mean)", "unweighted reward", ("reward/*/mean",)),
+    ("reward std", "std of the total", ("reward/std",)),
+    ("zero-variance groups", "fraction of groups", ("adv/zero_std_frac",)),
+    ("unscorable completions", "fraction of completions", ("reward/unscorable_frac",)),
+    ("KL to reference", "KL per token (nats)", ("kl/mean",)),
+    ("completion length", "tokens (mean)", ("completion/mean_length",)),
+    ("truncated completions", "fraction of completions", ("completion/truncated_frac",)),
+    ("clip fractions", "fraction of tokens", ("clip/low", "clip/high", "clip/region")),
+    ("learning rate", "learning rate", ("lr",)),
 )
 
 # (key in evaluate()'s dict, axis label)
@@ -45,6 +50,12 @@ def as_records(records_or_path) -> list[StepRecord]:
     if isinstance(records_or_path, (str, os.PathLike)):
         return load_run_log(records_or_path)
     return list(records_or_path)
+
+
+def finite_or(x, default):
+    """A stored number as a float, or `default` where it is missing: None (how the run log stores NaN, e.g. the
+    total of an unscorable completion) or NaN."""
+    return default if x is None or math.isnan(x) else float(x)
 
 
 def ema(values: list[float], smoothing: float = 0.6) -> list[float]:
@@ -76,13 +87,15 @@ def _sign_color(a: float) -> str:
 
 
 def _draw_group(ax, record: StepRecord, g: int, zero_std: bool) -> None:
-    """One group's G bars: height = advantage, colour = its sign, label = total reward, hatch = truncated."""
+    """One group's G bars: height = advantage, colour = its sign, label = total reward ("n/a": unscorable,
+    advantage 0), hatch = truncated."""
     sl = record.group_slice(g)
-    advantages, totals, truncated = record.advantages[sl], record.total[sl], record.truncated[sl]
+    advantages = [finite_or(a, 0.0) for a in record.advantages[sl]]
+    totals = [finite_or(t, None) for t in record.total[sl]]
     bars = ax.bar(range(len(advantages)), advantages, color=[_sign_color(a) for a in advantages])
-    for bar, cut in zip(bars, truncated):
+    for bar, cut in zip(bars, record.truncated[sl]):
         bar.set_hatch("//" if cut else None)
-    ax.bar_label(bars, labels=[f"{t:.3g}" for t in totals], padding=2, fontsize=8)
+    ax.bar_label(bars, labels=["n/a" if t is None else f"{t:.3g}" for t in totals], padding=2, fontsize=8)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.margins(y=0.2)  # room for the labels
     ax.set_xticks(range(len(advantages)))
@@ -96,9 +109,10 @@ def _draw_group(ax, record: StepRecord, g: int, zero_std: bool) -> None:
 
 def plot_group_advantages(record: StepRecord, max_groups: int | None = None):
     """Per prompt of one step, its G completions as bars of their advantage, coloured by sign and
-    labelled with their total reward; zero-variance groups are greyed and marked, truncated bars hatched."""
+    labelled with their total reward ("n/a" where unscorable); zero-variance groups are greyed and marked,
+    truncated bars hatched."""
     G = record.num_generations
-    totals = torch.tensor(record.total, dtype=torch.float32).view(-1, G)  # [groups, G]
+    totals = torch.tensor([finite_or(t, math.nan) for t in record.total]).view(-1, G)  # [groups, G], NaN: unscorable
     _, zero_std = group_advantages(totals)  # [groups] bool; scale does not change which groups are flat
     n = record.num_groups if max_groups is None else min(max_groups, record.num_groups)
     nrows, ncols = _grid(n, max_cols=4)
@@ -110,8 +124,9 @@ def plot_group_advantages(record: StepRecord, max_groups: int | None = None):
             ax.remove()
     for ax in axes[::ncols][:nrows]:
         ax.set_ylabel("advantage")
-    fig.suptitle(f"step {record.step}: advantage per completion (label = reward, hatched = truncated); "
-                 f"{int(zero_std.sum())}/{record.num_groups} groups with zero variance", fontsize=10)
+    fig.suptitle(f"step {record.step}: advantage per completion (label = reward, n/a = unscorable, "
+                 f"hatched = truncated); {int(zero_std.sum())}/{record.num_groups} groups with zero variance",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -136,6 +151,22 @@ def _panel_keys(patterns: tuple[str, ...], table: dict[str, list[float]]) -> lis
     return [k for k in keys if any(math.isfinite(v) for v in table[k])]
 
 
+def _constant_value(values: list[float]) -> float | None:
+    """The value of a series that is the same at every step it was logged (at least two), else None."""
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[0] if len(finite) >= 2 and min(finite) == max(finite) else None
+
+
+def _constant_note(title: str, keys: list[str], table: dict[str, list[float]]) -> str | None:
+    """'learning rate = 1e-05' when every series of the panel is constant over the run, else None."""
+    values = [_constant_value(table[k]) for k in keys]
+    if any(v is None for v in values):
+        return None
+    if len(set(values)) == 1:
+        return f"{title} = {values[0]:.3g}"
+    return f"{title}: " + ", ".join(f"{_series_label(k)} = {v:.3g}" for k, v in zip(keys, values))
+
+
 def _draw_series(ax, steps: list[float], values: list[float], key: str, color, smoothing: float) -> None:
     """Raw points faintly, their EMA as a line; missing (NaN) points are left out of both."""
     xs, ys = zip(*[(s, v) for s, v in zip(steps, values) if math.isfinite(v)])
@@ -144,27 +175,47 @@ def _draw_series(ax, steps: list[float], values: list[float], key: str, color, s
             gid=f"{key}:ema")
 
 
+def _draw_panel(ax, title: str, ylabel: str, keys: list[str], patterns, table, smoothing: float) -> None:
+    for i, key in enumerate(keys):
+        _draw_series(ax, table["step"], table[key], key, f"C{i}", smoothing)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(keys) > 1 or keys[0] not in patterns:  # several series, or one found by a pattern: name them
+        ax.legend(fontsize=8)
+
+
+def _add_note(fig, text: str, width_in: float) -> float:
+    """Small grey text along the bottom of the figure; returns the fraction of the height it takes."""
+    text = textwrap.fill(text, width=int(width_in * 15))
+    fig.text(0.01, 0.01, text, fontsize=8, color="dimgray", va="bottom", gid="omitted-note")
+    return (text.count("\n") + 1) * 0.17 / fig.get_figheight() + 0.02
+
+
 def plot_training_curves(records_or_run_dir, smoothing: float = 0.6):
-    """The run's metrics against step, one panel per quantity (see CURVE_PANELS): EMA-smoothed
-    lines over the raw points. Metrics that were never logged are skipped."""
+    """The run's metrics against step, one panel per quantity (see CURVE_PANELS): EMA-smoothed lines over
+    the raw points, a y-axis label on each. Metrics that were never logged are skipped. A panel whose
+    series are all constant over the run (two or more logged steps with one value, e.g. clip fractions at
+    num_iterations=1 or a constant learning rate) is not drawn: a note under the figure names it and its value."""
     table = metrics_table(as_records(records_or_run_dir))
-    panels = [(title, keys) for title, patterns in CURVE_PANELS if (keys := _panel_keys(patterns, table))]
+    found = [(title, ylabel, keys, patterns) for title, ylabel, patterns in CURVE_PANELS
+             if (keys := _panel_keys(patterns, table))]
+    notes = {title: note for title, _, keys, _ in found if (note := _constant_note(title, keys, table))}
+    panels = [p for p in found if p[0] not in notes]
     nrows, ncols = _grid(len(panels) or 1, max_cols=3)
-    fig, axes = _subplots(nrows, ncols, (4.2 * ncols, 2.8 * nrows))
+    fig, axes = _subplots(nrows, ncols, (4.2 * ncols, 2.8 * nrows + (0.4 if notes else 0.0)))
     if not panels:
-        axes[0].text(0.5, 0.5, "no metrics recorded yet", ha="center", va="center")
+        axes[0].text(0.5, 0.5, "every metric is constant (see below)" if notes else "no metrics recorded yet",
+                     ha="center", va="center")
         axes[0].set_axis_off()
-    for ax, (title, keys) in zip(axes, panels):
-        for i, key in enumerate(keys):
-            _draw_series(ax, table["step"], table[key], key, f"C{i}", smoothing)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=8)
+    for ax, (title, ylabel, keys, patterns) in zip(axes, panels):
+        _draw_panel(ax, title, ylabel, keys, patterns, table, smoothing)
     for ax in axes[max(len(panels), 1):]:
         ax.remove()
-    fig.tight_layout()
+    bottom = _add_note(fig, "constant over the run, not plotted: " + "; ".join(notes.values()),
+                       4.2 * ncols) if notes else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 

@@ -9,13 +9,12 @@ still scored and trained on).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .data import format_prompt
-from .models import model_device
+from .models import model_device, model_mode
 
 
 @dataclass
@@ -44,6 +43,10 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """[N] completion tokens counted by the mask (EOS included)."""
         return self.completion_mask.sum(dim=1)
+
+    def completion_id_lists(self) -> list[list[int]]:
+        """[N] each completion's token ids up to and including its EOS (what TRL passes reward functions)."""
+        return [row[:n] for row, n in zip(self.completion_ids.tolist(), self.lengths.tolist())]
 
     def expanded_prompts(self) -> list[str]:
         """[N] the prompt of each completion (reward functions take prompts per completion)."""
@@ -74,17 +77,6 @@ def tokenize_prompts(tokenizer, prompt_texts: list[str], device) -> tuple[torch.
     tokenizer.padding_side = "left"
     enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """No dropout while sampling; the previous train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -176,7 +168,7 @@ def generate_completions(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask
     truncated [B], texts [B]). `sampling` goes to generate(). Used for greedy evaluation, and as the
     plain reference the benchmark compares sample_groups with."""
     eos_ids = eos_token_ids(model, tokenizer)
-    with eval_mode(model):
+    with model_mode(model, training=False):  # no dropout while sampling
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_completion_length,
                              eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, **sampling)
     return finish_completions(out[:, prompt_ids.size(1):], eos_ids, tokenizer)
@@ -192,7 +184,7 @@ def sample_groups(model, tokenizer, prompts: list, num_generations: int, max_com
     texts = [format_prompt(tokenizer, p) for p in prompts]
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, texts, model_device(model))  # [groups, P]
     eos_ids = eos_token_ids(model, tokenizer)
-    with eval_mode(model):
+    with model_mode(model, training=False):  # no dropout while sampling
         cache = shared_prompt_cache(model, prompt_ids, prompt_mask, num_generations)
         sampled = decode(model, prompt_ids.repeat_interleave(num_generations, dim=0),  # [N, P]
                          prompt_mask.repeat_interleave(num_generations, dim=0), cache, max_completion_length,

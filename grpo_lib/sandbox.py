@@ -73,6 +73,9 @@ from dataclasses import asdict, dataclass, field, replace
 if __name__ != "__main__":
     # Parent-only modules. The child runs this file as a script and must not hold subprocess (whose
     # _posixsubprocess.fork_exec is not audited) where the program could reach it through __main__.
+    import ast
+    import math
+    import operator
     import secrets
     import selectors
     import shutil
@@ -149,7 +152,7 @@ class SandboxResult:
 # parent: start one program, read its pipes with caps, kill its process group, summarize
 # ----------------------------------------------------------------------------------------------
 
-_RESULT_CAP = 1_000_000  # bytes accepted on the result pipe
+_RESULT_CAP = 8_000_000  # bytes accepted on the result pipe (the tests' values travel on it)
 _EXIT_GRACE_S = 1.0  # after both pipes closed, how long a program may take to exit before it is killed
 
 
@@ -246,8 +249,9 @@ def _run_in(workdir: str, uid: int | None, code: str, tests: list[str], limits: 
     nonce = secrets.token_hex(16)
     result_r, result_w = os.pipe()
     try:
-        payload = {"code": code, "tests": tests, "nonce": nonce, "result_fd": result_w, "workdir": workdir,
-                   "uid": uid, "limits": asdict(limits)}
+        plans = [_plan_test(t) for t in tests]
+        payload = {"code": code, "tests": [p.steps for p in plans], "nonce": nonce, "result_fd": result_w,
+                   "workdir": workdir, "uid": uid, "limits": asdict(limits)}
         payload_path = os.path.join(workdir, ".payload.json")
         with open(os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(payload, f)
@@ -266,14 +270,15 @@ def _run_in(workdir: str, uid: int | None, code: str, tests: list[str], limits: 
             # both pipes closed: the program is exiting; give it a moment (within the deadline) so that its
             # own exit status is kept
             exit_code, cpu_s = _stop(proc, min(time.monotonic() + _EXIT_GRACE_S, deadline) if stop is None else 0)
-        return _summarize(_parse_events(res, nonce), stop, exit_code, cpu_s, len(tests), limits, out)
+        return _summarize(_parse_events(res, nonce), stop, exit_code, cpu_s, plans, limits, out)
     finally:
         os.close(result_r)
 
 
 def _collect(out_fd: int, res_fd: int, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
     """Read the output and result pipes until both close. Stops early with 'timeout' at the deadline or
-    'output' past the cap; memory use stays below cap + _RESULT_CAP whatever the program prints."""
+    'output' past the cap ('results' past _RESULT_CAP on the result pipe); memory use stays below
+    cap + _RESULT_CAP whatever the program prints."""
     bufs = {out_fd: bytearray(), res_fd: bytearray()}
     caps = {out_fd: cap, res_fd: _RESULT_CAP}
     with selectors.DefaultSelector() as sel:
@@ -290,7 +295,7 @@ def _collect(out_fd: int, res_fd: int, deadline: float, cap: int) -> tuple[bytes
                     continue
                 bufs[key.fd] += chunk[: caps[key.fd] + 1 - len(bufs[key.fd])]
                 if len(bufs[key.fd]) > caps[key.fd]:
-                    return bytes(bufs[out_fd][:cap]), bytes(bufs[res_fd]), "output"
+                    return bytes(bufs[out_fd][:cap]), bytes(bufs[res_fd]), "output" if key.fd == out_fd else "results"
     return bytes(bufs[out_fd]), bytes(bufs[res_fd]), None
 
 
@@ -328,8 +333,9 @@ def _parse_events(raw: bytes, nonce: str) -> list[list[str]]:
     return [line[len(prefix):].split(" ", 3) for line in lines if line.startswith(prefix)]
 
 
-def _summarize(events, stop, exit_code, cpu_s, total, limits, out) -> SandboxResult:
-    passed, first_failure, solution_error, done, layers = set(), None, None, False, ()
+def _summarize(events, stop, exit_code, cpu_s, plans, limits, out) -> SandboxResult:
+    total = len(plans)
+    ran, raised, values, solution_error, done, layers = set(), {}, {}, None, False, ()
     for e in events:
         if e[0] == "isolation" and len(e) > 1:
             layers = tuple(x for x in " ".join(e[1:]).split(",") if x)
@@ -337,16 +343,34 @@ def _summarize(events, stop, exit_code, cpu_s, total, limits, out) -> SandboxRes
             solution_error = " ".join(e[2:])
         elif e[0] == "test" and len(e) > 2 and e[1].isdigit() and int(e[1]) < total:
             if e[2] == "1":
-                passed.add(int(e[1]))
-            elif first_failure is None:
-                first_failure = f"test {e[1]}: " + " ".join(e[3:])
+                ran.add(int(e[1]))
+            else:
+                raised.setdefault(int(e[1]), " ".join(e[3:]))
+        elif e[0] == "value" and len(e) == 4 and e[1].isdigit() and e[2].isdigit() and e[3]:
+            values.setdefault((int(e[1]), int(e[2])), e[3])  # the first report of a value counts
         elif e[0] == "done":
             done = True
-    n = len(passed)
+    n, first_failure = 0, None
+    for i, plan in enumerate(plans):
+        if plan.error is not None:
+            why = plan.error
+        elif i in raised:
+            why = raised[i]
+        elif i not in ran:
+            continue  # the program stopped before this test (the reason says how)
+        else:
+            why = _judge(plan, {j: raw for (k, j), raw in values.items() if k == i})
+            if why is None:
+                n += 1
+                continue
+        if first_failure is None:
+            first_failure = f"test {i}: {why}"
     if stop == "timeout":
         reason = f"wall-clock time limit: killed after {limits.timeout_s:.3g} s"
     elif stop == "output":
         reason = f"output limit: printed more than {limits.max_output_bytes} bytes"
+    elif stop == "results":
+        reason = f"result limit: the values sent back for the tests exceeded {_RESULT_CAP} bytes"
     elif solution_error is not None:
         reason = f"solution raised {solution_error}"
     elif not done:

@@ -8,18 +8,19 @@ One `step()`:
     4) reference log-probs (adapters off, no grad) and, if mu > 1, old log-probs
     5) mu times: for each micro-batch (one group at a time on the shared-prompt path), policy log-probs
        -> grpo_loss -> backward; then one optimiser step
-    6) a StepRecord with texts, rewards, advantages, per-token stats and metrics
+    6) a StepRecord with texts, rewards, advantages, per-token stats and metrics (step_metrics)
+
+The model's mode is set for each phase: eval for sampling and the no-grad passes, train for the
+updates (dropout, and Hugging Face's gradient checkpointing, which only runs in training mode).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import runlog
@@ -27,21 +28,18 @@ from .advantages import advantage_stats, group_advantages
 from .config import GRPOConfig
 from .data import check_dataset, filter_long_prompts
 from .logprobs import rollout_logps
-from .loss import grpo_loss, microbatch_normalizers
-from .models import compute_dtype, is_peft, model_device, reference_mode, trainable_parameters
-from .rewards import required_columns, resolve_reward_funcs, score_completions
+from .loss import grpo_loss, k3_kl, microbatch_normalizers, probability_ratio
+from .models import (frozen_copy, is_peft, model_compute_dtype, model_device, model_mode, reference_mode,
+                     trainable_parameters)
+from .rewards import (default_trainer_state, required_columns, resolve_reward_funcs, reward_inputs,
+                      score_completions)
+from .rng import rng_state, seed_everything, set_rng_state
 from .runlog import RunDirError, StepRecord
 from .sampling import sample_groups
 
 
 class StepOOMError(RuntimeError):
     """The device ran out of memory during a step; nothing of the step was applied."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def lr_lambda(config: GRPOConfig):
@@ -62,26 +60,14 @@ def lr_lambda(config: GRPOConfig):
     return factor
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class GRPOTrainer:
     """GRPO on a (LoRA) causal LM.
 
     model, tokenizer: from grpo_lib.models.load_policy. reward_funcs: names or TRL-style callables
     (default: config.reward_funcs). train_dataset: rows with a "prompt" column (chat messages or text)
     and the columns the reward functions read. run_dir: where the run log and checkpoints go (optional).
-    ref_model: only for full fine-tuning (lora_r=0) with beta > 0; LoRA models use adapters-off.
+    ref_model: the reference policy of full fine-tuning (a model without adapters) with beta > 0; by
+    default a frozen copy of the model made here. LoRA models use themselves with adapters off.
     """
 
     def __init__(self, model, tokenizer, reward_funcs=None, config: GRPOConfig | None = None, train_dataset=None,
@@ -95,8 +81,7 @@ class GRPOTrainer:
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for "
                              f"{len(self.reward_funcs)} reward functions")
         if config.beta != 0 and ref_model is None and not is_peft(model):
-            raise ValueError("beta > 0 needs a reference policy: use a LoRA model (adapters off = reference) "
-                             "or pass ref_model=, or set beta=0")
+            self.ref_model = frozen_copy(model)  # the frozen reference the config promises (memory.estimate counts it)
         rows = check_dataset(train_dataset, required_columns=required_columns(self.reward_funcs))
         self.rows = filter_long_prompts(rows, tokenizer, config.max_prompt_length, config.long_prompts)
         self.run_dir = Path(run_dir) if run_dir else None
@@ -106,14 +91,13 @@ class GRPOTrainer:
             raise ValueError("the model has no trainable parameters (load it with lora_r > 0, or unfreeze it)")
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        device = model_device(model)
-        # fp16 compute (T4) needs loss scaling so small LoRA gradients do not underflow
-        fp16 = device.type == "cuda" and compute_dtype(device) == torch.float16
+        # fp16 compute (a T4, or dtype="float16") needs loss scaling so small gradients do not underflow
+        fp16 = model_compute_dtype(model) == torch.float16
         if fp16 and any(p.dtype == torch.float16 for p in params):
-            raise ValueError("fp16 trainable weights on a GPU without bf16 (e.g. a T4) cannot be trained with "
-                             "loss scaling: use LoRA (lora_r > 0; peft keeps adapters in fp32) or load the model "
-                             "in float32 (load_policy(..., dtype=torch.float32))")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+            raise ValueError("fp16 trainable weights cannot be trained with loss scaling (GradScaler needs fp32 "
+                             "weights to unscale into): use LoRA (lora_r > 0; peft keeps adapters in fp32), or on a "
+                             "GPU without bf16 (e.g. a T4) load the model in float32 (dtype='float32')")
+        self.scaler = torch.amp.GradScaler(model_device(model).type, enabled=fp16)
         self._run_dir_checked = False  # config.json compared (or written) once per trainer
         self.step_count = 0  # completed steps
         self.data_position = 0  # prompts consumed, across epochs
@@ -148,12 +132,13 @@ class GRPOTrainer:
                                 c.max_completion_length, c.temperature, c.top_p)
         t_gen = time.perf_counter()
 
-        # 2) rewards [N, F] and their weighted total [N]
-        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        scores = score_completions(self.reward_funcs, rollout.expanded_prompts(), rollout.completion_texts,
-                                   columns, self.reward_weights, c.reward_timeout_s, G)
+        # 2) rewards [N, F] and their weighted total [N], the reward functions called as TRL calls them
+        completion_ids = rollout.completion_id_lists()
+        scores = score_completions(self.reward_funcs, **reward_inputs(rows, rollout.completion_texts, G, completion_ids),
+                                   weights=self.reward_weights, timeout_s=c.reward_timeout_s, num_generations=G,
+                                   trainer_state=default_trainer_state(self.step_count, c.max_steps))
 
-        # 3) group-relative advantages [groups, G] -> [N]
+        # 3) group-relative advantages [groups, G] -> [N], on the model's device
         rewards = scores.total.reshape(-1, G)
         adv, zero_std = group_advantages(rewards, c.scale_rewards)
         advantages = adv.reshape(-1).to(model_device(self.model))
@@ -168,27 +153,17 @@ class GRPOTrainer:
 
         # 6) the record
         self.step_count += 1
-        metrics = {**advantage_stats(rewards, adv, zero_std), **train_stats}
-        for f, name in enumerate(scores.names):
-            col = scores.per_func[:, f]
-            metrics[f"reward/{name}/mean"] = col.nanmean().item() if (~col.isnan()).any() else float("nan")
-        lengths = rollout.lengths.float()
-        generated = int(lengths.sum())
-        metrics.update({
-            "completion/mean_length": lengths.mean().item(),
-            "completion/truncated_frac": rollout.truncated.float().mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
-            "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
-            "time/step_s": t_train - t0, "tokens/generated": generated,
-            "tokens/generate_per_s": generated / max(t_gen - t0, 1e-9),
-        })
+        times = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
+        metrics = step_metrics(scores, rewards, adv, zero_std, rollout, train_stats, times,
+                               self.scheduler.get_last_lr()[0])
         return StepRecord(
             step=self.step_count, prompts=rollout.prompts, completions=rollout.completion_texts,
             reward_names=scores.names, rewards=scores.as_lists(), reward_weights=scores.weights.tolist(),
             total=scores.total.tolist(), advantages=adv.reshape(-1).tolist(),
             truncated=rollout.truncated.tolist(), lengths=rollout.lengths.tolist(), num_generations=G,
-            metrics=metrics, answers=[r.get("answer") for r in rows],
-            tokens=self._token_strings(rollout), token_stats=token_stats)
+            metrics=metrics, columns={k: [r.get(k) for r in rows] for k in rows[0]},
+            completion_ids=completion_ids, tokens=self._token_strings(completion_ids), token_stats=token_stats,
+            logged=scores.logged_columns)
 
     @property
     def _share_prompt(self) -> bool:
@@ -219,12 +194,14 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _frozen_logps(self, rollout, reference: bool) -> torch.Tensor:
-        """[N, T] log-probs without gradient: the reference policy (adapters off) or the sampling policy."""
+        """[N, T] log-probs without gradient, in eval mode: the reference policy (adapters off, or the frozen
+        copy) or the sampling policy."""
         micro = self._microbatches(rollout.completion_ids.size(0))
-        if not reference:
-            return torch.cat([self._logps(rollout, idx) for idx in micro])
-        with reference_mode(self.model, self.ref_model) as ref:
-            return torch.cat([self._logps(rollout, idx, ref) for idx in micro])
+        with model_mode(self.model, training=False):
+            if not reference:
+                return torch.cat([self._logps(rollout, idx) for idx in micro])
+            with reference_mode(self.model, self.ref_model) as ref:
+                return torch.cat([self._logps(rollout, idx, ref) for idx in micro])
 
     def _update(self, rollout, advantages: torch.Tensor):
         """mu optimiser updates on one generation batch. If anything fails (e.g. out of memory) the
@@ -238,41 +215,42 @@ class GRPOTrainer:
         totals: dict[str, float] = {}
         token_logps = torch.zeros_like(mask, dtype=torch.float32)
         token_ratio = torch.ones_like(mask, dtype=torch.float32)
-        try:
-            for it in range(c.num_iterations):
+        # training mode: dropout, and gradient checkpointing (HF models checkpoint only in training mode)
+        with model_mode(self.model, training=True):
+            try:
+                for it in range(c.num_iterations):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss_total = 0.0
+                    for micro_idx in micro:
+                        normalizers = microbatch_normalizers(c.loss_type, mask[micro_idx], mask, len(micro))
+                        for idx in self._backward_parts(rollout, micro_idx):
+                            logps = self._logps(rollout, idx)  # [n, T] with grad
+                            loss, stats = grpo_loss(
+                                logps, None if old_logps is None else old_logps[idx],
+                                None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
+                                loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
+                                max_completion_length=c.max_completion_length, **normalizers)
+                            self.scaler.scale(loss).backward()
+                            loss_total += loss.item()
+                            share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
+                            for k, v in stats.items():
+                                totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
+                            if it == 0:
+                                token_logps[idx] = logps.detach().float()
+                            if it == c.num_iterations - 1 and old_logps is not None:
+                                token_ratio[idx] = probability_ratio(logps.detach(), old_logps[idx]).float()
+                    grad_norm = self._optimizer_step()
+                totals.update({"loss": loss_total, "grad_norm": grad_norm})
+            except BaseException:
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_total = 0.0
-                for micro_idx in micro:
-                    normalizers = microbatch_normalizers(c.loss_type, mask[micro_idx], mask, len(micro))
-                    for idx in self._backward_parts(rollout, micro_idx):
-                        logps = self._logps(rollout, idx)  # [n, T] with grad
-                        loss, stats = grpo_loss(
-                            logps, None if old_logps is None else old_logps[idx],
-                            None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
-                            loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                            max_completion_length=c.max_completion_length, **normalizers)
-                        self.scaler.scale(loss).backward()
-                        loss_total += loss.item()
-                        share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
-                        for k, v in stats.items():
-                            totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
-                        if it == 0:
-                            token_logps[idx] = logps.detach().float()
-                        if it == c.num_iterations - 1 and old_logps is not None:
-                            token_ratio[idx] = torch.exp(logps.detach() - old_logps[idx]).float()
-                grad_norm = self._optimizer_step()
-            totals.update({"loss": loss_total, "grad_norm": grad_norm})
-        except BaseException:
-            self.optimizer.zero_grad(set_to_none=True)
-            if snapshot is not None:
-                self._restore(snapshot)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise
+                if snapshot is not None:
+                    self._restore(snapshot)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise
         token_stats = {"logp": token_logps, "ratio": token_ratio}
         if ref_logps is not None:
-            delta = ref_logps - token_logps
-            token_stats["kl"] = torch.exp(delta) - delta - 1
+            token_stats["kl"] = k3_kl(token_logps, ref_logps.float())
         return totals, self._per_token_lists(token_stats, mask)
 
     def _optimizer_step(self) -> float:
@@ -305,9 +283,8 @@ class GRPOTrainer:
                 f"{max(16, c.max_completion_length // 2)}, gradient_checkpointing=True, load_in_4bit=True, or a "
                 f"smaller model. `python -m grpo_lib plan` shows the memory of a configuration.")
 
-    def _token_strings(self, rollout) -> list[list[str]]:
-        ids = rollout.completion_ids.tolist()
-        return [[self.tokenizer.decode([t]) for t in row[:n]] for row, n in zip(ids, rollout.lengths.tolist())]
+    def _token_strings(self, completion_ids: list[list[int]]) -> list[list[str]]:
+        return [[self.tokenizer.decode([t]) for t in row] for row in completion_ids]
 
     @staticmethod
     def _per_token_lists(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, list[list[float]]]:
@@ -420,6 +397,28 @@ class GRPOTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.data_position = state["step"], state["data_position"]
         set_rng_state(state["rng"])
+
+
+def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_std: torch.Tensor, rollout,
+                 train_stats: dict, times: dict[str, float], lr: float) -> dict[str, float]:
+    """The flat metrics of one step: rewards (total over the scorable completions and per function),
+    advantages, the update's loss/KL/clip statistics, lengths, learning rate, timings.
+    rewards, advantages: [groups, G]; zero_std: [groups]."""
+    metrics = {**advantage_stats(rewards, advantages, zero_std), **train_stats, **scores.logged_metrics}
+    for f, name in enumerate(scores.names):
+        col = scores.per_func[:, f]
+        metrics[f"reward/{name}/mean"] = col.nanmean().item() if (~col.isnan()).any() else float("nan")
+    lengths = rollout.lengths.float()
+    generated = int(lengths.sum())
+    metrics.update({
+        "completion/mean_length": lengths.mean().item(),
+        "completion/truncated_frac": rollout.truncated.float().mean().item(),
+        "lr": lr,
+        **{f"time/{phase}_s": seconds for phase, seconds in times.items()},
+        "time/step_s": sum(times.values()), "tokens/generated": generated,
+        "tokens/generate_per_s": generated / max(times["generate"], 1e-9),
+    })
+    return metrics
 
 
 def _clone(obj):

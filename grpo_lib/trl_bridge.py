@@ -52,9 +52,10 @@ HANDLED: dict[str, str] = {
     "lora_alpha": "lora_peft_config",
     "lora_dropout": "lora_peft_config",
     "lora_target_modules": "lora_peft_config",
-    "task": "train_rows: data.load_task -> the train dataset",
-    "system_prompt": "train_rows",
-    "one_shot": "train_rows",
+    "dtype": "model_init_kwargs: the weights' and 4-bit compute dtype; runtime_fields: TRL's bf16 / fp16 flags",
+    "task": "make_trl_trainer: data.task_rows -> the train dataset",
+    "system_prompt": "data.task_rows",
+    "one_shot": "data.task_rows",
     "max_prompt_length": "make_trl_trainer: data.filter_long_prompts before TRL (TRL 1.16 has no such field)",
     "long_prompts": "make_trl_trainer: data.filter_long_prompts",
     "reward_funcs": "make_trl_trainer: rewards.resolve_reward_funcs -> GRPOTrainer(reward_funcs=)",
@@ -161,18 +162,18 @@ def trl_fields(config: GRPOConfig, num_processes: int = 1) -> dict:
     return out
 
 
-def runtime_fields(output_dir: str) -> dict:
-    """Settings of the run, not of the algorithm: where it writes, what it logs, the precision of the device."""
+def runtime_fields(output_dir: str, dtype: str = "auto") -> dict:
+    """Settings of the run, not of the algorithm: where it writes, what it logs, the precision of the device
+    (config.dtype on the GPU: bf16 where native, fp16 autocast with loss scaling on a T4)."""
     import torch
 
-    from .models import has_native_bf16
+    from .models import compute_dtype
 
     if not torch.cuda.is_available():
         precision = {"use_cpu": True, "bf16": False, "fp16": False}
-    elif has_native_bf16():
-        precision = {"bf16": True, "fp16": False}
-    else:  # T4 and older: fp16 autocast with loss scaling
-        precision = {"bf16": False, "fp16": True}
+    else:
+        amp = compute_dtype("cuda", dtype)
+        precision = {"bf16": amp == torch.bfloat16, "fp16": amp == torch.float16}
     return {"output_dir": str(output_dir), "report_to": "none", "logging_steps": 1, **precision}
 
 
@@ -191,11 +192,46 @@ def to_trl_config(config: GRPOConfig, output_dir: str = "trl_output", *, num_pro
     num_processes = num_processes or world_size()
     mapped = trl_fields(config, num_processes)
     _check_overrides(trl_overrides, set(mapped), {f.name for f in fields(trl.GRPOConfig)})
-    args = trl.GRPOConfig(**{**PINNED, **runtime_fields(output_dir), **trl_overrides, **mapped})
+    args = trl.GRPOConfig(**{**PINNED, **runtime_fields(output_dir, config.dtype), **trl_overrides, **mapped})
     if args.generation_batch_size != config.batch_size:
         raise ConfigError(f"TRL sees {args.world_size} process(es), not num_processes={num_processes}: its generation "
                           f"batch is {args.generation_batch_size} completions instead of {config.batch_size}")
     return args
+
+
+MAPPING_KINDS = ("same", "converted", "handled by the bridge", "no counterpart")
+
+
+def mapping_table(config: GRPOConfig, trl_args) -> list[dict]:
+    """One row per GRPOConfig field: its kind (MAPPING_KINDS), value, TRL field and value, and how it is
+    carried over; ordered by kind, then as in the config."""
+    rows = []
+    for f in fields(GRPOConfig):
+        value = getattr(config, f.name)
+        if f.name in SAME:
+            row = ("same", f.name, getattr(trl_args, f.name), "")
+        elif f.name in CONVERTED:
+            trl_name, how = CONVERTED[f.name]
+            row = ("converted", trl_name, getattr(trl_args, trl_name), how)
+        elif f.name in HANDLED:
+            row = ("handled by the bridge", "", "", HANDLED[f.name])
+        else:
+            row = ("no counterpart", "", "", NO_COUNTERPART[f.name][1])
+        kind, trl_name, trl_value, how = row
+        rows.append({"kind": kind, "grpo_lib": f.name, "value": value, "TRL": trl_name, "TRL value": trl_value,
+                     "how": how})
+    return sorted(rows, key=lambda r: MAPPING_KINDS.index(r["kind"]))
+
+
+def max_processes(config: GRPOConfig, candidates: tuple[int, ...] = (1, 2, 4, 8)) -> int:
+    """The most processes (GPUs of one node) among `candidates` that the step's batch splits over evenly."""
+    def splits(n: int) -> bool:
+        try:
+            return per_device_batch_size(config, n) > 0
+        except ConfigError:
+            return False
+
+    return max(n for n in candidates if splits(n))
 
 
 def _check_overrides(overrides: dict, mapped: set[str], trl_names: set[str]) -> None:
@@ -261,10 +297,10 @@ def model_init_kwargs(config: GRPOConfig, device: str | None = None) -> dict:
     from .models import bnb_4bit_config, compute_dtype, default_device
 
     device = device or default_device()
-    dtype = compute_dtype(device) if config.lora_r > 0 else torch.float32
-    kwargs = {"dtype": dtype}
+    compute = compute_dtype(device, config.dtype)
+    kwargs = {"dtype": compute if config.lora_r > 0 else torch.float32}
     if config.load_in_4bit:
-        kwargs["quantization_config"] = bnb_4bit_config(compute_dtype(device))
+        kwargs["quantization_config"] = bnb_4bit_config(compute)
         kwargs["device_map"] = {"": "cpu" if torch.device(device).type == "cpu" else local_rank()}
     return kwargs
 
@@ -289,20 +325,12 @@ def lora_peft_config(config: GRPOConfig):
     return lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
 
 
-def train_rows(config: GRPOConfig, n: int | None = None) -> list[dict]:
-    """The task's train split as rows {"prompt": messages, "answer": ..., ...}, as the workbench trains on."""
-    from .data import load_task
-
-    return load_task(config.task, "train", n=n, seed=config.seed, system_prompt=config.system_prompt,
-                     one_shot=config.one_shot)
-
-
 def make_trl_trainer(config: GRPOConfig, model, tokenizer, reward_funcs=None, dataset=None, peft_config=None, *,
                      args=None, output_dir: str = "trl_output", callbacks=None, **trl_overrides):
     """trl.GRPOTrainer for `config`.
 
     model: a (base) model, e.g. from load_model. reward_funcs: names or callables (default
-    config.reward_funcs), passed to TRL unchanged. dataset: rows with "prompt" (default train_rows(config));
+    config.reward_funcs), passed to TRL unchanged. dataset: rows with "prompt" (default data.task_rows(config));
     prompts over max_prompt_length are skipped or refused as config.long_prompts says. peft_config: default
     the config's LoRA (none when lora_r = 0 or the model already has adapters). args: a prebuilt
     to_trl_config(config, ...) (else built from output_dir and trl_overrides).
@@ -310,13 +338,13 @@ def make_trl_trainer(config: GRPOConfig, model, tokenizer, reward_funcs=None, da
     import datasets
     import trl
 
-    from .data import check_dataset, filter_long_prompts
+    from .data import check_dataset, filter_long_prompts, task_rows
     from .models import is_peft
     from .rewards import resolve_reward_funcs
 
     args = args if args is not None else to_trl_config(config, output_dir, **trl_overrides)
     funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else config.reward_funcs)
-    rows = check_dataset(dataset if dataset is not None else train_rows(config))
+    rows = check_dataset(dataset if dataset is not None else task_rows(config))
     rows = filter_long_prompts(rows, tokenizer, config.max_prompt_length, config.long_prompts)
     if peft_config is None and not is_peft(model):
         peft_config = lora_peft_config(config)

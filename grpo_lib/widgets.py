@@ -4,22 +4,33 @@ Each widget reads StepRecords (or a run log) and calls the core (rewards, advant
 never imports this module. Every widget keeps its controls as attributes (`inspector.step`,
 `playground.sliders["format"]`) and its computed state as plain attributes, so a test drives it as a
 user would and asserts the numbers. Display one by making it the last expression of a cell.
+
+Display works on ipywidgets 7.7+ and 8.x (and in Colab, whose custom widget manager is switched on before the
+first display): each widget's display bundle holds the live widget view and, as `text/html`, `to_html()`, a
+static rendering of what it shows (escaped, figures as inline PNG) that nbviewer, GitHub's preview or a
+frontend without the widget extension show instead.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import io
 import math
 import re
+import statistics
+import sys
 
 import ipywidgets as W
 import torch
 
 from .advantages import SCALES, group_advantages
-from .plots import as_records, plot_group_advantages, plot_training_curves
-from .rewards import RewardFunctionError, regex_reward, resolve_reward_funcs, reward_name, score_completions
+from .plots import as_records, finite_or, plot_group_advantages, plot_training_curves
+from .rewards import (
+    RewardFunctionError, default_trainer_state, regex_reward, resolve_reward_funcs, reward_inputs, reward_name,
+    score_completions,
+)
 from .runlog import StepRecord
 
 
@@ -40,18 +51,61 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
+def png_html(png: bytes) -> str:
+    """An <img> with the PNG inline (base64), for static HTML."""
+    return f'<img src="data:image/png;base64,{base64.b64encode(bytes(png)).decode("ascii")}">' if png else ""
+
+
 def _shorten(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else "..." + text[-(n - 3):]  # the end of a chat prompt is the question
 
 
+def _fmt(x, missing: str = "n/a") -> str:
+    """A reward for display: 4 significant digits, `missing` for None / NaN (does not apply, unscorable)."""
+    x = finite_or(x, None)
+    return missing if x is None else f"{x:.4g}"
+
+
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+_colab_manager_enabled = False
+
+
+def _enable_colab_widget_manager() -> None:
+    """In Colab, switch on its custom widget manager (which renders ipywidgets 8) once per kernel; a no-op
+    elsewhere, and never an error where Colab lacks the call."""
+    global _colab_manager_enabled
+    if _colab_manager_enabled or "google.colab" not in sys.modules:
+        return
+    _colab_manager_enabled = True
+    try:
+        from google.colab import output
+
+        output.enable_custom_widget_manager()
+    except Exception:  # an older or newer Colab without it: its default widget manager stays
+        pass
+
+
 class _Displayable:
-    """Shows `self.widget` when the object is the last expression of a notebook cell."""
+    """Shows `self.widget` when the object is the last expression of a notebook cell, with `to_html()` as the
+    static fallback. The bundle is built here, as ipywidgets 7 (`_ipython_display_`) and 8
+    (`_repr_mimebundle_`) build theirs: both use widget-view version 2.0, and 7 then calls
+    `_handle_displayed()`, which runs the `on_displayed` callbacks (a Box passes it on to its children)."""
 
     widget: W.Widget
 
+    def to_html(self) -> str:
+        raise NotImplementedError
+
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        _enable_colab_widget_manager()
+        bundle = {"text/plain": repr(self), "text/html": self.to_html()}
+        if getattr(self.widget, "comm", None) is None:  # closed: only the static view is left
+            return bundle
+        bundle[WIDGET_VIEW_MIME] = {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id}
+        if hasattr(self.widget, "_handle_displayed"):  # ipywidgets 7 only
+            self.widget._handle_displayed()
+        return bundle
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,16 +124,18 @@ COLOUR_LEGENDS = {
 
 
 def select_completions(record: StepRecord, group: int, how: str) -> list[int]:
-    """Indices (into the step's N completions) of group `group` kept by the filter `how`:
-    all, best / worst (every completion with the group's highest / lowest total), truncated."""
+    """Indices (into the step's N completions) of group `group` kept by the filter `how`: all, best / worst
+    (every completion with the group's highest / lowest total; unscorable ones are neither), truncated."""
     if how not in FILTERS:
         raise ValueError(f"filter {how!r}; choose one of {FILTERS}")
     idx = list(range(record.num_generations * group, record.num_generations * (group + 1)))
     if how == "truncated":
         return [i for i in idx if record.truncated[i]]
     if how in ("best", "worst"):
-        target = (max if how == "best" else min)(record.total[i] for i in idx)
-        return [i for i in idx if record.total[i] == target]
+        totals = {i: finite_or(record.total[i], None) for i in idx}
+        scored = [t for t in totals.values() if t is not None]
+        target = (max if how == "best" else min)(scored) if scored else None
+        return [i for i in idx if scored and totals[i] == target]
     return idx
 
 
@@ -114,17 +170,17 @@ def _text_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> st
 
 
 def _card_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> str:
-    """One completion: its total, advantage, per-function rewards (weighted sum = total) and text."""
+    """One completion: its total (or "unscorable": no function applies, advantage 0), advantage,
+    per-function rewards (weighted sum = total) and text."""
     j = i - record.num_generations * (i // record.num_generations)
-    adv = record.advantages[i]
+    adv = finite_or(record.advantages[i], 0.0)
     colour = "green" if adv > 0 else "red" if adv < 0 else "gray"
     flag = ' <span style="color:#b00">truncated</span>' if record.truncated[i] else ""
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td>"
-                   f"<td>{'n/a' if r is None else f'{r:.4g}'}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td><td>{_fmt(r)}</td></tr>"
                    for name, w, r in zip(record.reward_names, record.reward_weights, record.rewards[i]))
     return (f'<div class="grpo-card" data-index="{i}" style="flex:1 1 200px;min-width:180px;border:1px solid #ccc;'
             f'border-radius:4px;padding:6px">'
-            f"<b>#{j}</b> total <b>{record.total[i]:.4g}</b> advantage "
+            f"<b>#{j}</b> total <b>{_fmt(record.total[i], 'unscorable')}</b> advantage "
             f'<b style="color:{colour}">{adv:+.3f}</b> &middot; {record.lengths[i]} tokens{flag}'
             f'<table style="font-size:90%">{rows}</table>'
             f'<div style="white-space:pre-wrap;font-family:monospace;font-size:90%">'
@@ -161,21 +217,41 @@ class CompletionInspector(_Displayable):
     def record(self) -> StepRecord:
         return self.records[self.step.value]
 
+    def __repr__(self) -> str:
+        return f"CompletionInspector(step {self.step.value}, prompt {self.prompt.value}, {len(self.shown)} shown)"
+
     def _on_step(self, change=None) -> None:
         self.prompt.options = [(f"{g}: {_shorten(p)}", g) for g, p in enumerate(self.record.prompts)]
         self.prompt.value = 0
         self._render()
 
-    def _render(self, change=None) -> None:
-        record, g, quantity = self.record, self.prompt.value, self.colour_by.value
-        self.shown = select_completions(record, g, self.filter.value)
-        kl_scale = _max_token_value(record, "kl", self.shown)  # KL is coloured relative to the largest on screen
+    def _view(self, record: StepRecord, g: int, open_prompt: bool = False) -> tuple[list[int], str]:
+        """The completions of prompt g that the filter keeps, and their HTML: the prompt (folded unless
+        open_prompt) with its gold answer, then one card per completion."""
+        quantity = self.colour_by.value
+        shown = select_completions(record, g, self.filter.value)
+        kl_scale = _max_token_value(record, "kl", shown)  # KL is coloured relative to the largest on screen
         gold = record.answers[g] if g < len(record.answers) else None
         legend = f" &middot; {COLOUR_LEGENDS[quantity].format(kl_scale=kl_scale)}" if quantity else ""
-        head = (f"<details><summary>prompt{'' if gold is None else f' (gold answer {html.escape(str(gold))})'}"
-                f"{legend}</summary><pre style='white-space:pre-wrap'>{html.escape(record.prompts[g])}</pre></details>")
-        cards = "".join(_card_html(record, i, quantity, kl_scale) for i in self.shown) or "<i>no completion matches</i>"
-        self.html.value = f'{head}<div style="display:flex;flex-wrap:wrap;gap:6px">{cards}</div>'
+        head = (f"<details{' open' if open_prompt else ''}><summary>prompt"
+                f"{'' if gold is None else f' (gold answer {html.escape(str(gold))})'}{legend}</summary>"
+                f"<pre style='white-space:pre-wrap'>{html.escape(record.prompts[g])}</pre></details>")
+        cards = "".join(_card_html(record, i, quantity, kl_scale) for i in shown) or "<i>no completion matches</i>"
+        return shown, f'{head}<div style="display:flex;flex-wrap:wrap;gap:6px">{cards}</div>'
+
+    def _render(self, change=None) -> None:
+        self.shown, self.html.value = self._view(self.record, self.prompt.value)
+
+    def to_html(self, step: int | None = None, group: int | None = None) -> str:
+        """Static HTML of the view: step, prompt (unfolded) and gold answer, the cards of the completions shown.
+        `step` / `group` render another step / prompt (current filter and colouring) without touching the
+        controls; by default the one on screen (group 0 of another step)."""
+        step = self.step.value if step is None else step
+        if group is None:
+            group = self.prompt.value if step == self.step.value else 0
+        _, body = self._view(self.records[step], group, open_prompt=True)
+        return (f'<div class="grpo-inspector"><b>step {step}</b> &middot; prompt {group} &middot; '
+                f"showing {self.filter.value}{body}</div>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,9 +264,10 @@ REGEX_NAME = "regex"
 class RewardPlayground(_Displayable):
     """Re-score a step's stored completions as you change the reward: a weight slider and an on/off
     toggle per function, plus a regex reward typed in a text box (rewards.regex_reward). Every change
-    re-runs rewards.score_completions and advantages.group_advantages; nothing is generated.
+    re-runs rewards.score_completions as the trainer calls it (so functions written for TRL work unchanged)
+    and advantages.group_advantages; nothing is generated.
 
-    State after each change: .scores (RewardScores), .totals [N], .advantages [groups, G],
+    State after each change: .scores (RewardScores), .totals [N] (NaN: unscorable), .advantages [groups, G],
     .zero_std [groups] bool, .zero_std_count, .error (None, or why the last change was not applied).
     """
 
@@ -229,6 +306,10 @@ class RewardPlayground(_Displayable):
     def record(self) -> StepRecord:
         return self.records[self.step.value]
 
+    def __repr__(self) -> str:
+        return (f"RewardPlayground(step {self.step.value}, "
+                f"{self.zero_std_count}/{len(self.zero_std)} zero-variance groups)")
+
     def _active(self) -> tuple[list, list[float]]:
         """The switched-on functions (the regex one built from the text box) and their weights."""
         funcs, weights = [], []
@@ -240,11 +321,12 @@ class RewardPlayground(_Displayable):
         return funcs, weights
 
     def _score(self, funcs, weights):
-        """score_completions over the step's N completions, prompts and gold answers repeated per completion."""
+        """score_completions called as the trainer calls it: the step's dataset rows (raw prompt, gold answer,
+        other columns), completions and token ids through rewards.reward_inputs, TRL's trainer_state at the step."""
         r, G = self.record, self.record.num_generations
-        prompts = [p for p in r.prompts for _ in range(G)]  # [N]
-        columns = {"answer": [a for a in r.answers for _ in range(G)]} if r.answers else {}
-        return score_completions(funcs, prompts, r.completions, columns=columns, weights=weights, num_generations=G)
+        inputs = reward_inputs(r.rows(), r.completions, G, r.completion_ids or None)
+        return score_completions(funcs, **inputs, weights=weights, num_generations=G,
+                                 trainer_state=default_trainer_state(r.step))
 
     def rescore(self, change=None) -> None:
         """Recompute totals, advantages and zero-variance groups from the controls, then redraw."""
@@ -261,8 +343,10 @@ class RewardPlayground(_Displayable):
         # advantages: [groups, G], zero_std: [groups]
         self.advantages, self.zero_std = group_advantages(self.totals.view(-1, G), scale=self.scale.value)
         self.zero_std_count = int(self.zero_std.sum())
+        unscorable = int(self.totals.isnan().sum())
         skipped = " (regex empty: skipped)" if self.toggles[REGEX_NAME].value and not self.regex.value else ""
-        self.status.value = f"zero-variance groups: <b>{self.zero_std_count} / {len(self.zero_std)}</b>{skipped}"
+        self.status.value = (f"zero-variance groups: <b>{self.zero_std_count} / {len(self.zero_std)}</b>{skipped}"
+                             + (f" &middot; unscorable completions: <b>{unscorable}</b>" if unscorable else ""))
         self.image.value = figure_png(plot_group_advantages(self.rescored_record()))
 
     def rescored_record(self) -> StepRecord:
@@ -272,6 +356,23 @@ class RewardPlayground(_Displayable):
             self.record, reward_names=s.names if s else [], reward_weights=s.weights.tolist() if s else [],
             rewards=s.as_lists() if s else [[] for _ in self.totals], total=self.totals.tolist(),
             advantages=self.advantages.flatten().tolist())
+
+    def to_html(self) -> str:
+        """Static HTML of the current state: a table of every completion's per-function scores, total and
+        advantage (weights in the header), the zero-variance count and the advantage figure."""
+        rec = self.rescored_record()
+        head = "".join(f"<th>{html.escape(n)} &times;{w:g}</th>" for n, w in zip(rec.reward_names, rec.reward_weights))
+        rows = "".join(self._row_html(rec, i) for i in range(len(rec.completions)))
+        return (f'<div class="grpo-playground"><b>step {rec.step}</b> &middot; std over {self.scale.value}'
+                f'<table><tr><th>group</th><th>#</th><th>completion</th>{head}<th>total</th><th>advantage</th></tr>'
+                f"{rows}</table><p>{self.status.value}</p>{png_html(self.image.value)}</div>")
+
+    @staticmethod
+    def _row_html(rec: StepRecord, i: int) -> str:
+        g, j = divmod(i, rec.num_generations)
+        scores = "".join(f"<td>{_fmt(r)}</td>" for r in rec.rewards[i])
+        return (f"<tr><td>{g}</td><td>{j}</td><td><code>{html.escape(_shorten(rec.completions[i]))}</code></td>"
+                f"{scores}<td>{_fmt(rec.total[i], 'unscorable')}</td><td>{rec.advantages[i]:+.3f}</td></tr>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,24 +384,49 @@ STEP_LINE_METRICS = (("reward/mean", "reward"), ("reward/std", "std"), ("adv/zer
                      ("time/step_s", "s/step"))
 
 
-def format_step_line(record: StepRecord, total_steps: int) -> str:
-    """'step 3/30  reward 0.5  std 0.31  ...' with the metrics the record has."""
+def format_step_line(record: StepRecord, total_steps: int, eta: str = "") -> str:
+    """'step 3/30  reward 0.5  std 0.31  ...' with the metrics the record has, then `eta` if given."""
     parts = [f"step {record.step}/{total_steps}"]
     parts += [f"{label} {record.metrics[key]:.4g}" for key, label in STEP_LINE_METRICS
               if record.metrics.get(key) is not None]
-    return "  ".join(parts)
+    return "  ".join(parts + ([eta] if eta else []))
+
+
+def format_duration(seconds: float) -> str:
+    """45 s, 12 min, 2 h 05 min."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def eta_text(step_times: list[float], steps_left: int, eval_seconds: float | None = None) -> str:
+    """'ETA 12 min + ~1 min final evaluation': steps_left times the median measured step time (robust to a
+    slow first step), plus the final evaluation's expected duration if given; "" before any measured step."""
+    if not step_times:
+        return ""
+    parts = [format_duration(statistics.median(step_times) * steps_left)] if steps_left > 0 else []
+    parts += [f"~{format_duration(eval_seconds)} final evaluation"] if eval_seconds else []
+    return "ETA " + " + ".join(parts) if parts else ""
 
 
 class TrainingDashboard(_Displayable):
     """Live view of a run: `trainer.train(on_step=dashboard.update)`. In a notebook a progress bar,
     the latest step's line and plot_training_curves redrawn in place (every `plot_every` steps);
-    in a terminal a tqdm bar with one printed line per step. record.step counts completed steps."""
+    in a terminal a tqdm bar with one printed line per step. From the first step on, the step line ends
+    with an ETA from the measured step times (metrics["time/step_s"]) plus `eval_seconds`, the expected
+    duration of a final evaluation if the caller gives it; the terminal also prints it once on its own.
+    record.step counts completed steps, so a resumed run's progress starts where it resumed. When the
+    dashboard displayed itself (created and trained in one cell), the last step refreshes that display, so
+    a saved notebook's static fallback shows the finished run."""
 
-    def __init__(self, total_steps: int, plot_every: int = 1, notebook: bool | None = None):
-        self.total_steps, self.plot_every = total_steps, plot_every
+    def __init__(self, total_steps: int, plot_every: int = 1, notebook: bool | None = None,
+                 eval_seconds: float | None = None):
+        self.total_steps, self.plot_every, self.eval_seconds = total_steps, plot_every, eval_seconds
         self.notebook = in_notebook() if notebook is None else notebook
         self.records: list[StepRecord] = []
-        self._displayed = False
+        self.eta = ""  # the latest estimate of the time left
+        self._displayed, self._handle, self._eta_printed = False, None, False
         if self.notebook:
             self.progress = W.IntProgress(value=0, min=0, max=total_steps, description="step")
             self.line = W.HTML()
@@ -311,29 +437,55 @@ class TrainingDashboard(_Displayable):
 
             self.bar = tqdm(total=total_steps, unit="step")
 
+    def __repr__(self) -> str:
+        if not self.records:
+            return f"TrainingDashboard(0/{self.total_steps} steps)"
+        return format_step_line(self.records[-1], self.total_steps, self.eta)
+
     def _repr_mimebundle_(self, **kwargs):
         if not self.notebook:
             return None  # the terminal view is the tqdm bar
         self._displayed = True
         return super()._repr_mimebundle_(**kwargs)
 
+    def to_html(self) -> str:
+        """Static HTML: the latest step line (with the ETA) and the training curves as an inline PNG."""
+        if not self.records:
+            return f"<p>training: 0/{self.total_steps} steps done</p>"
+        png = figure_png(plot_training_curves(self.records), dpi=70)
+        return f'<div class="grpo-dashboard"><code>{html.escape(repr(self))}</code><br>{png_html(png)}</div>'
+
+    def step_times(self) -> list[float]:
+        """The measured durations (s) of the steps seen so far."""
+        return [r.metrics["time/step_s"] for r in self.records if r.metrics.get("time/step_s") is not None]
+
     def update(self, record: StepRecord) -> None:
         """Show one finished step (the trainer's on_step callback)."""
         self.records.append(record)
-        line = format_step_line(record, self.total_steps)
+        self.eta = eta_text(self.step_times(), self.total_steps - record.step, self.eval_seconds)
+        line = format_step_line(record, self.total_steps, self.eta)
         if not self.notebook:
             self.bar.update(min(record.step, self.total_steps) - self.bar.n)
+            if self.eta and not self._eta_printed:
+                self.bar.write(f"{self.eta} for the {self.total_steps - record.step} remaining steps")
+                self._eta_printed = True
             self.bar.write(line)
             return
+        self._show_in_notebook(record, line)
+
+    def _show_in_notebook(self, record: StepRecord, line: str) -> None:
         if not self._displayed:  # created and trained in one cell: show it on the first step
             from IPython.display import display
 
-            display(self)
+            self._handle = display(self, display_id=True)
             self._displayed = True
         self.progress.value = min(record.step, self.total_steps)
         self.line.value = f"<code>{html.escape(line)}</code>"
-        if len(self.records) % self.plot_every == 0 or record.step >= self.total_steps:
+        last = record.step >= self.total_steps
+        if len(self.records) % self.plot_every == 0 or last:
             self.image.value = figure_png(plot_training_curves(self.records), dpi=70)
+        if last and self._handle is not None:  # the static fallback a saved notebook keeps: the finished run
+            self._handle.update(self)
 
     def close(self) -> None:
         """Close the terminal progress bar (nothing to do in a notebook)."""

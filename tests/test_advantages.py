@@ -61,3 +61,27 @@ def test_stats():
     stats = advantage_stats(rewards, adv, zero)
     assert stats["adv/zero_std_frac"] == 0.5
     assert stats["reward/mean"] == 0.75
+
+
+def test_unscorable_completions_leave_the_baseline_as_in_trl():
+    """A completion no reward function applies to (NaN) is excluded from its group's mean and std and gets
+    advantage 0 (TRL 1.16: nanmean / nanstd baseline, nan_to_num). Group 0 by hand: scorable [1, 0, 1],
+    mean 2/3, unbiased std sqrt(1/3)."""
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, 0.0, nan, 1.0], [nan, nan, nan, nan], [2.0, nan, nan, nan], [0.0, 0.0, 1.0, nan]])
+    adv, zero = group_advantages(rewards, "group", eps=0.0)
+    s = math.sqrt(1 / 3)
+    torch.testing.assert_close(adv[0], torch.tensor([(1 / 3) / s, (-2 / 3) / s, 0.0, (1 / 3) / s]))
+    assert zero.tolist() == [False, True, True, False]  # fewer than 2 scorable completions: nothing to compare
+    assert torch.equal(adv[1:3], torch.zeros(2, 4)) and adv[3, 3] == 0 and not adv.isnan().any()
+    # the old behaviour (NaN as 0) would have given the unscorable completion of group 0 a negative advantage
+    as_zero, _ = group_advantages(rewards[:1].nan_to_num(0.0), "group")
+    assert as_zero[0, 2] < 0
+    # batch scale: one std over the 8 scorable rewards; none: centred only
+    valid = rewards[~rewards.isnan()]
+    adv_batch, _ = group_advantages(rewards, "batch", eps=0.0)
+    torch.testing.assert_close(adv_batch[0, 0], (1 - 2 / 3) / valid.std())
+    adv_none, _ = group_advantages(rewards, "none")
+    torch.testing.assert_close(adv_none[3], torch.tensor([-1 / 3, -1 / 3, 2 / 3, 0.0]))
+    stats = advantage_stats(rewards, adv, zero)
+    assert stats["reward/unscorable_frac"] == 9 / 16 and stats["reward/mean"] == pytest.approx(valid.mean().item())

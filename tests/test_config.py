@@ -22,6 +22,9 @@ from grpo_lib.config import PRESETS, ConfigError, GRPOConfig
     ("reward_weights", (1.0,), "reward_weights=\\(1.0,\\) is invalid: needs one weight per reward function"),
     ("long_prompts", "truncate", "long_prompts='truncate' is invalid"),
     ("reward_timeout_s", 0, "reward_timeout_s=0 is invalid"),
+    ("lora_r", 0, "lora_r=0 is invalid: 4-bit weights cannot be trained"),  # the default loads in 4 bit
+    ("dtype", "fp8", "dtype='fp8' is invalid: choose one of"),
+    ("epsilon_high", "0.28", "epsilon_high='0.28' has type str; expected float or None"),
 ])
 def test_invalid_fields(field, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -60,3 +63,22 @@ def test_yaml_with_preset_and_errors(tmp_path):
 def test_batch_size_and_epsilon_upper():
     c = GRPOConfig(prompts_per_step=3, num_generations=4, epsilon=0.2, epsilon_high=0.28)
     assert c.batch_size == 12 and c.epsilon_upper == 0.28
+
+
+def test_type_checks_come_from_the_annotations():
+    """One source of truth: every field's accepted classes are read off the dataclass annotations, so a
+    new field is checked without a second table."""
+    import dataclasses
+
+    from grpo_lib.config import field_types
+
+    types = field_types()
+    assert set(types) == {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert types["lora_r"] == (int,) and types["system_prompt"] == (str, type(None))
+    assert types["reward_funcs"] == (tuple,) and types["epsilon_high"] == (float, type(None))
+
+
+def test_constants_are_defined_once():
+    from grpo_lib import advantages, config, loss
+
+    assert loss.LOSS_TYPES is config.LOSS_TYPES and advantages.SCALES is config.SCALE_REWARDS

@@ -4,7 +4,7 @@ import pytest
 
 from grpo_lib.data import (DataError, check_dataset, filter_long_prompts, find_local_gsm8k, gsm8k_rows, load_task,
                            synthetic_split)
-from grpo_lib.rewards import extract_gsm8k_gold, parse_number
+from grpo_lib.answers import extract_gsm8k_gold, parse_number
 
 
 def test_every_gsm8k_test_gold_answer_parses():

@@ -1,26 +1,74 @@
-"""evaluate: measures computed from the same rewards the trainer uses, reproducible, RNG untouched."""
+"""evaluate: measures computed from the same rewards the trainer uses, the config's sampling settings,
+reproducible, and every random stream left as it was."""
 
+import random
+
+import numpy as np
+import pytest
 import torch
 
+from grpo_lib import rng
+from grpo_lib.config import GRPOConfig
 from grpo_lib.eval import comparison_table, evaluate
 from grpo_lib.rewards import answer_reward, format_reward
 
 ROWS = [{"prompt": f"<|im_start|>user\nWhich is larger, {a} or {b}?<|im_end|>\n<|im_start|>assistant\n",
          "answer": str(max(a, b))} for a, b in ((12, 40), (77, 31), (50, 51))]
+CONFIG = GRPOConfig(model="tiny", load_in_4bit=False, max_completion_length=5)
 
 
 def test_evaluate_is_reproducible_and_leaves_rng_alone(tiny_model, tokenizer):
     torch.manual_seed(123)
-    state = torch.get_rng_state()
-    a = evaluate(tiny_model, tokenizer, ROWS, max_completion_length=5, num_samples=2)
-    assert torch.equal(torch.get_rng_state(), state)
-    b = evaluate(tiny_model, tokenizer, ROWS, max_completion_length=5, num_samples=2)
+    random.seed(5)
+    state = rng.rng_state()
+    a = evaluate(tiny_model, tokenizer, ROWS, CONFIG, num_samples=2)
+    after = rng.rng_state()
+    assert torch.equal(after["torch"], state["torch"]) and after["python"] == state["python"]
+    assert all(np.array_equal(x, y) for x, y in zip(after["numpy"][1:2], state["numpy"][1:2]))
+    b = evaluate(tiny_model, tokenizer, ROWS, CONFIG, num_samples=2)
     assert a["completions"] == b["completions"] and a["samples"] == 6 and a["n"] == 3
     answers = [r["answer"] for r in ROWS for _ in range(2)]
-    assert a["format"] == sum(format_reward(None, a["completions"])) / 6
-    assert a["accuracy"] == sum(v or 0 for v in answer_reward(None, a["completions"], answer=answers)) / 6
-    greedy = evaluate(tiny_model, tokenizer, ROWS, max_completion_length=5, temperature=None)
-    assert greedy["samples"] == 3
+    assert a["format"] == sum(format_reward(a["completions"])) / 6
+    assert a["accuracy"] == sum(v or 0 for v in answer_reward(a["completions"], answer=answers)) / 6
+    greedy = evaluate(tiny_model, tokenizer, ROWS, CONFIG, greedy=True)
+    assert greedy["samples"] == 3 and greedy["settings"]["greedy"]
+
+
+def test_evaluate_restores_the_gpu_generators_too(tiny_model, tokenizer, monkeypatch):
+    """torch.manual_seed(seed) reseeds every CUDA device as well; evaluate must give each GPU generator
+    back its state, or training samples after an evaluation would depend on the evaluation's seed. The GPU
+    is faked: its generator state is a list that seeding overwrites."""
+    fake = {"state": [torch.tensor([7, 7, 7], dtype=torch.uint8)]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in fake["state"]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: fake.__setitem__("state", list(states)))
+    real_seed = torch.manual_seed
+
+    def seed_all_devices(seed):
+        fake["state"] = [torch.tensor([seed % 256] * 3, dtype=torch.uint8)]
+        return real_seed(seed)
+
+    monkeypatch.setattr(torch, "manual_seed", seed_all_devices)
+    evaluate(tiny_model, tokenizer, ROWS[:1], CONFIG, num_samples=2, seed=3)
+    assert fake["state"][0].tolist() == [7, 7, 7]
+
+
+def test_evaluate_samples_with_the_config_settings(tiny_model, tokenizer, monkeypatch):
+    import grpo_lib.eval as ev
+
+    seen = []
+    original = ev.sample_groups
+
+    def spy(model, tok, prompts, G, T, temperature, top_p):
+        seen.append((G, T, temperature, top_p))
+        return original(model, tok, prompts, G, T, temperature, top_p)
+
+    monkeypatch.setattr(ev, "sample_groups", spy)
+    result = evaluate(tiny_model, tokenizer, ROWS, CONFIG.replace(temperature=0.7, top_p=0.9, max_completion_length=4))
+    assert seen == [(2, 4, 0.7, 0.9)]
+    assert result["settings"]["temperature"] == 0.7 and result["settings"]["top_p"] == 0.9
+    evaluate(tiny_model, tokenizer, ROWS, CONFIG, temperature=1.3)  # an explicit argument wins
+    assert seen[-1] == (2, 5, 1.3, 1.0)
 
 
 def test_comparison_table():
@@ -28,3 +76,17 @@ def test_comparison_table():
     after = {"n": 64, "samples": 128, "format": 0.75, "accuracy": 0.5, "reward/mean": 1.25}
     table = comparison_table(before, after)
     assert "correct answer" in table and "+0.250" in table and "+0.500" in table
+
+
+@pytest.mark.parametrize("seed", [0, 11])
+def test_forked_rng_restores_python_numpy_torch(seed):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    with rng.forked_rng(seed):
+        random.random(), np.random.rand(), torch.rand(1)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
 from grpo_lib.plots import (  # noqa: E402
-    AFTER_COLOR, BEFORE_COLOR, NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR, ema, plot_eval_comparison,
+    AFTER_COLOR, BEFORE_COLOR, CURVE_PANELS, NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR, ema, plot_eval_comparison,
     plot_group_advantages, plot_training_curves,
 )
 from grpo_lib.runlog import StepRecord, append_record  # noqa: E402
@@ -31,7 +31,7 @@ def step_record(step=1, metrics=None) -> StepRecord:
         step=step, prompts=["p0", "p1", "p2"], completions=[f"c{i}" for i in range(12)], reward_names=["r"],
         rewards=[[t] for t in TOTALS], reward_weights=[1.0], total=list(TOTALS), advantages=list(ADVANTAGES),
         truncated=list(TRUNCATED), lengths=[5] * 12, num_generations=G, metrics=metrics or {},
-        answers=["7", None, "3"])
+        columns={"answer": ["7", None, "3"]})
 
 
 def zero_variance_marks(ax):
@@ -59,6 +59,21 @@ def test_group_advantages_bars_colours_labels_and_markers():
     assert [ax.get_title() for ax in fig.axes] == ["group 0 (gold 7)", "group 1", "group 2 (gold 3)"]
     assert "1/3 groups with zero variance" in fig._suptitle.get_text()
     assert record.to_dict() == before  # never mutates
+
+
+def test_group_advantages_unscorable_completions():
+    record = step_record()
+    record.total[1] = None  # no reward function applied: advantage 0 (its group's mean and std skip it)
+    record.advantages[:4] = [1.15, 0.0, -0.58, -0.58]
+    record.total[4:8] = [float("nan")] * 4  # a whole group unscorable (NaN, as a tensor's tolist() gives it)
+    record.advantages[4:8] = [None] * 4  # NaN advantages after a JSON round trip
+    fig = plot_group_advantages(record)
+    labels = [[t.get_text() for t in ax.texts if t.get_gid() != "zero-variance"] for ax in fig.axes[:2]]
+    assert labels == [["4", "n/a", "0", "0"], ["n/a"] * 4]
+    assert [b.get_height() for b in fig.axes[1].patches] == [0.0] * 4
+    assert fig.axes[0].patches[1].get_facecolor() == to_rgba(ZERO_COLOR)
+    assert len(zero_variance_marks(fig.axes[1])) == 1  # no scorable completion: no gradient
+    assert "n/a = unscorable" in fig._suptitle.get_text()
 
 
 def test_group_advantages_max_groups():
@@ -90,19 +105,26 @@ def panels(fig):
     return {ax.get_title(): ax for ax in fig.axes}
 
 
+def note(fig):
+    return [t.get_text() for t in fig.texts if t.get_gid() == "omitted-note"]
+
+
 def check_curves(fig):
     axes = panels(fig)
-    assert set(axes) == {"reward (mean)", "KL to reference", "learning rate"}  # missing metrics: no panel
-    reward = axes["reward (mean)"]
-    assert line(reward, "reward/mean:raw") == ([1, 2, 3], [1.0, 3.0, 2.0])
-    assert line(reward, "reward/mean:ema") == ([1, 2, 3], [1.0, 2.0, 2.0])  # smoothing 0.5, by hand above
-    assert line(reward, "reward/format/mean:raw") == ([1, 2, 3], [0.0, 1.0, 1.0])
-    assert line(reward, "reward/format/mean:ema") == ([1, 2, 3], [0.0, 0.5, 0.75])
-    assert [t.get_text() for t in reward.get_legend().get_texts()] == ["total", "format"]
+    # missing metrics: no panel; the constant learning rate: no panel, a note under the figure
+    assert set(axes) == {"reward (mean total)", "reward per function (mean)", "KL to reference"}
+    assert note(fig) == ["constant over the run, not plotted: learning rate = 1e-05"]
+    total, per_func = axes["reward (mean total)"], axes["reward per function (mean)"]
+    assert line(total, "reward/mean:raw") == ([1, 2, 3], [1.0, 3.0, 2.0])
+    assert line(total, "reward/mean:ema") == ([1, 2, 3], [1.0, 2.0, 2.0])  # smoothing 0.5, by hand above
+    assert line(per_func, "reward/format/mean:raw") == ([1, 2, 3], [0.0, 1.0, 1.0])
+    assert line(per_func, "reward/format/mean:ema") == ([1, 2, 3], [0.0, 0.5, 0.75])
+    assert total.get_legend() is None  # one series, named by the title
+    assert [t.get_text() for t in per_func.get_legend().get_texts()] == ["format"]  # found by reward/*/mean
     kl_x, kl_y = line(axes["KL to reference"], "kl/mean:raw")
     assert kl_x == [1, 3] and kl_y == pytest.approx([0.1, 0.3])  # the missing step is left out, not 0
     assert line(axes["KL to reference"], "kl/mean:ema")[1] == pytest.approx([0.1, 0.2])
-    assert line(axes["learning rate"], "lr:raw")[1] == pytest.approx([1e-5] * 3)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["weighted total", "unweighted reward", "KL per token (nats)"]
 
 
 def curve_records():
@@ -123,14 +145,44 @@ def test_training_curves_from_run_dir(tmp_path):
     check_curves(plot_training_curves(str(tmp_path / "log.jsonl"), smoothing=0.5))
 
 
+ALL_KEYS = ["reward/mean", "reward/format/mean", "reward/answer/mean", "reward/std", "adv/zero_std_frac",
+            "reward/unscorable_frac", "kl/mean", "clip/low", "clip/high", "clip/region", "completion/mean_length",
+            "completion/truncated_frac", "lr", "loss", "grad_norm", "time/step_s"]
+
+
 def test_training_curves_all_panels_and_empty():
-    keys = ["reward/mean", "reward/std", "adv/zero_std_frac", "kl/mean", "clip/low", "clip/high", "clip/region",
-            "completion/mean_length", "completion/truncated_frac", "lr", "loss", "grad_norm", "time/step_s"]
-    fig = plot_training_curves([step_record(step=1, metrics={k: 0.5 for k in keys})])
-    assert len(fig.axes) == 8
+    varying = [step_record(step=s, metrics={k: 0.5 * s for k in ALL_KEYS}) for s in (1, 2)]
+    fig = plot_training_curves(varying)
+    assert [ax.get_title() for ax in fig.axes] == [title for title, _, _ in CURVE_PANELS] and note(fig) == []
+    assert all(ax.get_ylabel() for ax in fig.axes)  # every panel says what its y axis is
     assert len([ln for ln in panels(fig)["clip fractions"].get_lines() if ln.get_gid().endswith(":ema")]) == 3
+    legend = panels(fig)["reward per function (mean)"].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["answer", "format"]  # not mixed with the total
+    single = plot_training_curves([step_record(step=1, metrics={k: 0.0 for k in ALL_KEYS})])
+    assert len(single.axes) == len(CURVE_PANELS) and note(single) == []  # one step: nothing is constant yet
     empty = plot_training_curves([])
     assert [t.get_text() for t in empty.axes[0].texts] == ["no metrics recorded yet"]
+
+
+def test_training_curves_leave_out_constant_panels():
+    # num_iterations=1: clip fractions 0 by construction; constant lr; no unscorable completion
+    metrics = [{"reward/mean": r, "reward/answer/mean": r, "lr": 1e-5, "clip/low": 0.0, "clip/high": 0.0,
+                "clip/region": 0.0, "reward/unscorable_frac": 0.0, "kl/mean": 0.0 if s == 1 else None}
+               for s, r in ((1, 0.0), (2, 0.5), (3, 0.25))]
+    fig = plot_training_curves([step_record(step=s, metrics=m) for s, m in zip((1, 2, 3), metrics)])
+    assert [ax.get_title() for ax in fig.axes] == ["reward (mean total)", "reward per function (mean)",
+                                                   "KL to reference"]
+    (text,) = note(fig)
+    assert text.replace("\n", " ") == ("constant over the run, not plotted: unscorable completions = 0; clip "
+                                        "fractions = 0; learning rate = 1e-05")  # KL: one point, not constant
+    metrics[2]["reward/unscorable_frac"] = 0.25  # some completions unscorable: shown
+    fig = plot_training_curves([step_record(step=s, metrics=m) for s, m in zip((1, 2, 3), metrics)])
+    assert "unscorable completions" in panels(fig) and "unscorable" not in note(fig)[0]
+    flat = plot_training_curves([step_record(step=s, metrics={"lr": 1e-5, "clip/low": 0.0, "clip/high": 0.1})
+                                 for s in (1, 2)])
+    assert [t.get_text() for t in flat.axes[0].texts] == ["every metric is constant (see below)"]
+    assert [t.replace("\n", " ") for t in note(flat)] == [
+        "constant over the run, not plotted: clip fractions: clip/low = 0, clip/high = 0.1; learning rate = 1e-05"]
 
 
 def test_eval_comparison_bars():

@@ -2,6 +2,7 @@
 failures that apply nothing and lose nothing."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -129,26 +130,31 @@ def test_mu_two_uses_stored_old_logps(tokenizer):
     assert rec.metrics["clip/region"] > 0  # with epsilon=0.01, the second iteration clips
 
 
-def test_out_of_memory_applies_nothing(tokenizer, monkeypatch):
+def test_out_of_memory_after_an_optimizer_step_restores_everything(tokenizer, monkeypatch):
+    """mu=2: the first update is applied, then the second runs out of memory. The step must be undone
+    whole: parameters, AdamW states and the scheduler as they were before the step. The failure is
+    injected at the first log-prob forward after an optimizer step, wherever that falls."""
     trainer = make_trainer(tokenizer, num_iterations=2)
     before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
     import grpo_lib.trainer as tr
 
-    calls = {"n": 0}
     original = tr.rollout_logps
+    steps_taken = []
 
     def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # ref, old, iteration 1 (applied), then iteration 2 fails
+        if trainer.scheduler.last_epoch >= 1:  # an optimizer step has been applied in this step
+            steps_taken.append(trainer.scheduler.last_epoch)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(*a, **k)
 
     monkeypatch.setattr(tr, "rollout_logps", flaky)
     with pytest.raises(StepOOMError, match="the step was not applied.*gradient_accumulation_steps"):
         trainer.step()
+    assert steps_taken == [1], "the failure came after the first optimizer step"
     after = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert trainer.step_count == 0 and not trainer.optimizer.state_dict()["state"]
+    assert trainer.scheduler.last_epoch == 0
 
 
 def rewards_by_step(run_dir):
@@ -232,16 +238,109 @@ def test_dataset_without_prompt_column(tokenizer):
                                                                            {"prompt": "b"}])
 
 
-def test_fp16_full_finetuning_on_a_t4_is_refused_with_the_fix(tokenizer, monkeypatch):
-    """GradScaler cannot unscale fp16 gradients: on an fp16-only GPU the trainer says what to do
-    instead of failing at the first optimiser step. (The GPU is faked: device and compute dtype.)"""
-    import grpo_lib.trainer as tr
-
-    monkeypatch.setattr(tr, "model_device", lambda m: torch.device("cuda", 0))
-    monkeypatch.setattr(tr, "compute_dtype", lambda d: torch.float16)
-    model = make_tiny_llama(len(tokenizer)).half()
+def test_fp16_compute_trains_with_loss_scaling_and_fp16_weights_are_refused(tokenizer):
+    """fp16 compute (a T4) trains LoRA adapters (fp32) with a GradScaler: CPU torch has one, so the T4's
+    path runs here. fp16 trainable weights cannot be unscaled into: refused with the fix."""
+    half = make_tiny_llama(len(tokenizer)).half()
+    half.generation_config.pad_token_id = tokenizer.pad_token_id
+    half.generation_config.eos_token_id = tokenizer.eos_token_id
     with pytest.raises(ValueError, match="lora_r > 0"):
-        GRPOTrainer(model, tokenizer, [has_a_vowel_count], tiny_config(lora_r=0, beta=0.0), PROMPTS)
-    lora = add_random_lora(make_tiny_llama(len(tokenizer)), seed=0)  # fp32 adapters: accepted
-    GRPOTrainer(lora, tokenizer, [has_a_vowel_count], tiny_config(), PROMPTS)
+        GRPOTrainer(half, tokenizer, [has_a_vowel_count], tiny_config(lora_r=0, beta=0.0), PROMPTS)
+    lora = add_random_lora(half, seed=0)  # peft keeps the adapters in fp32
+    trainer = GRPOTrainer(lora, tokenizer, [has_a_vowel_count], tiny_config(dtype="float16"), PROMPTS)
+    assert trainer.scaler.is_enabled() and trainer.scaler._device == "cpu"
+    before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+    record = trainer.step()
+    assert trainer.scaler.get_scale() > 0 and math.isfinite(record.metrics["grad_norm"])
+    moved = [not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()) if p.requires_grad]
+    assert any(moved) or trainer.scaler.get_scale() < 2.0**16, "an update, or a skipped step with a lower scale"
 
+
+def test_gradient_checkpointing_engages_whatever_mode_the_model_came_in(tokenizer):
+    """Hugging Face models checkpoint only in training mode. A model handed over in eval mode (as
+    from_pretrained returns it) must still recompute its layers in backward: with checkpointing, a decoder
+    layer's MLP runs twice per call of the layer (forward, then the recompute in backward; the layer's own
+    hooks stay outside the checkpoint), without it once."""
+    def mlp_runs_per_layer_call(checkpointing: bool) -> float:
+        model = make_tiny_llama(len(tokenizer))  # eval mode, no adapters: full fine-tuning
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = GRPOTrainer(model, tokenizer, [has_a_vowel_count],
+                              tiny_config(lora_r=0, beta=0.0, gradient_checkpointing=checkpointing), PROMPTS)
+        import grpo_lib.trainer as tr
+
+        rollout = tr.sample_groups(model, tokenizer, [r["prompt"] for r in trainer.next_rows()], 4, 6, 1.0, 1.0)
+        counts = {"layer": 0, "mlp": 0}
+        layer = model.model.layers[0]
+        layer.register_forward_pre_hook(lambda *a: counts.__setitem__("layer", counts["layer"] + 1))
+        layer.mlp.register_forward_pre_hook(lambda *a: counts.__setitem__("mlp", counts["mlp"] + 1))
+        trainer._update(rollout, torch.linspace(-1, 1, 8))
+        assert not model.training, "the trainer restores the mode it found"
+        return counts["mlp"] / counts["layer"]
+
+    assert mlp_runs_per_layer_call(False) == 1
+    assert mlp_runs_per_layer_call(True) == 2
+
+
+def test_full_finetuning_with_kl_builds_a_frozen_reference(tokenizer):
+    model = make_tiny_llama(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trainer = GRPOTrainer(model, tokenizer, [has_a_vowel_count], tiny_config(lora_r=0, learning_rate=1e-3), PROMPTS)
+    ref = trainer.ref_model
+    assert ref is not model and not any(p.requires_grad for p in ref.parameters())
+    initial = [p.detach().clone() for p in ref.parameters()]
+    trainer.step()
+    record = trainer.step()  # the policy has moved: the KL to the frozen copy is positive
+    assert all(torch.equal(a, b) for a, b in zip(initial, ref.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(initial, model.parameters()))
+    assert record.metrics["kl/mean"] > 0
+
+
+def test_unscorable_completions_get_no_advantage(tokenizer):
+    """A reward that applies only to completions with a vowel: the others are unscorable (NaN total),
+    get advantage 0, and are counted in the metrics."""
+    def vowels_only(completions, **kwargs):
+        return [sum(ch in "aeiou" for ch in c) if any(ch in "aeiou" for ch in c) else None for c in completions]
+
+    trainer = make_trainer(tokenizer)
+    trainer.reward_funcs = [vowels_only]
+    record = trainer.step()
+    unscorable = [t is None for t in record.total]
+    assert record.metrics["reward/unscorable_frac"] == sum(unscorable) / len(unscorable)
+    for i, u in enumerate(unscorable):
+        if u:
+            assert record.advantages[i] == 0.0
+    json.dumps(record.to_dict())
+
+
+CHAT_PROMPTS = [{"prompt": [{"role": "user", "content": f"Say {w}"}], "answer": "1", "solution": "1"}
+                for w in ("yes", "no", "maybe", "sure")]
+
+
+def test_reward_functions_written_for_trl_run_in_the_trainer(tokenizer):
+    """trl.rewards' functions and a tutorial-style function, on a conversational dataset, as TRL calls them."""
+    trl_rewards = pytest.importorskip("trl.rewards")
+    seen = {}
+
+    def tutorial(completions, **kwargs):
+        seen["shape"] = completions[0]
+        seen["state"] = kwargs["trainer_state"].global_step
+        return [float(len(c[0]["content"])) for c in completions]
+
+    funcs = [trl_rewards.think_format_reward, trl_rewards.get_soft_overlong_punishment(6, 2), tutorial]
+    model = add_random_lora(make_tiny_llama(len(tokenizer)))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trainer = GRPOTrainer(model, tokenizer, funcs, tiny_config(), CHAT_PROMPTS)
+    trainer.step()
+    record = trainer.step()
+    assert seen["shape"][0]["role"] == "assistant" and seen["state"] == 1
+    assert record.reward_names == ["think_format_reward", "soft_overlong_punishment_reward", "tutorial"]
+    for i, ids in enumerate(record.completion_ids):  # DAPO's soft overlong punishment, L_max 6, cache 2
+        expected = 0.0 if len(ids) <= 4 else (4 - len(ids)) / 2 if len(ids) <= 6 else -1.0
+        assert record.rewards[i][1] == pytest.approx(expected)
+        assert record.rewards[i][2] == float(len(record.completions[i]))
+    assert all(p in [r["prompt"] for r in CHAT_PROMPTS] for p in record.columns["prompt"])  # the raw chat prompts

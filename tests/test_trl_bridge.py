@@ -119,10 +119,10 @@ def test_model_init_kwargs_and_peft_config():
     assert kwargs == {"dtype": torch.float32}
     q = trl_bridge.model_init_kwargs(GRPOConfig(load_in_4bit=True), device="cpu")
     assert q["quantization_config"].bnb_4bit_quant_type == "nf4" and q["device_map"] == {"": "cpu"}
-    assert trl_bridge.model_init_kwargs(GRPOConfig(lora_r=0), device="cpu")["dtype"] == torch.float32
+    assert trl_bridge.model_init_kwargs(GRPOConfig(lora_r=0, load_in_4bit=False), device="cpu")["dtype"] == torch.float32
     lora = trl_bridge.lora_peft_config(GRPOConfig(lora_r=8, lora_alpha=16, lora_target_modules="q_proj,v_proj"))
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16, {"q_proj", "v_proj"})
-    assert trl_bridge.lora_peft_config(GRPOConfig(lora_r=0)) is None
+    assert trl_bridge.lora_peft_config(GRPOConfig(lora_r=0, load_in_4bit=False)) is None
 
 
 # ----------------------------------------------------------------------------------------------
