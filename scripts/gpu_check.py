@@ -31,6 +31,7 @@ in {0, 1/3, 2/3, 1}, so that a random model's groups have non-zero advantages an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -235,7 +236,8 @@ def run(args) -> dict:
               "checks": [], "failures": []}
     if cuda:
         if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU here: use --device cpu for the smoke run")
+            print("no CUDA GPU here: use --device cpu for the smoke run", file=sys.stderr)
+            raise SystemExit(2)
         torch.cuda.init()
         total = torch.cuda.get_device_properties(0).total_memory
         cap = min(T4_BYTES, total)
@@ -276,43 +278,50 @@ def run(args) -> dict:
         overrides["max_completion_length"] = args.max_completion_length
 
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as folder:
-        # 1) the model, and the plan
-        t0 = time.perf_counter()
-        tokenizer = load_tokenizer(TOKENIZER)
-        shape = build_model(folder, tokenizer, args.device)
-        gc.collect()  # the built model must be gone before the measured load
-        if cuda:
-            torch.cuda.empty_cache()
-        result["model"] = {**shape, "build_seconds": time.perf_counter() - t0,
-                           "tokenizer": f"{TOKENIZER} ({len(tokenizer)} tokens)"}
-        config = GRPOConfig.preset("colab-t4", model=folder, **overrides)
-        result["config"] = config.to_dict()
-        spec = memory.model_spec(folder)
-        print(f"\nmodel: random Qwen2, {spec.num_params / 1e6:.0f}M params (hidden {spec.hidden_size}, "
-              f"{spec.num_layers} layers, {spec.num_heads} heads / {spec.num_kv_heads} KV, vocab {spec.vocab_size}"
-              f"{', as Qwen2.5-0.5B' if cuda else ', a CPU stand-in'}), tokenizer {result['model']['tokenizer']}"
-              + ("" if spec.vocab_size == len(tokenizer) else
-                 f"; sampled ids >= {len(tokenizer)} decode to nothing"))
-        print(f"run: colab-t4 preset{' --quick' if args.quick else ''}, task {task}, {config.prompts_per_step} prompts x "
-              f"G={config.num_generations}, {config.max_completion_length} new tokens, dtype float16, "
-              f"4-bit {config.load_in_4bit}, LoRA r={config.lora_r}, checkpointing {config.gradient_checkpointing}, "
-              f"{args.steps} trainer step(s)")
-
-        def plan(prompt_length: int) -> memory.MemoryReport:
-            return memory.estimate(config, spec, cap, device="cpu" if not cuda else "cuda",
-                                   prompt_length=prompt_length)
-
-        rows = load_task(task, "train", n=max(64, config.prompts_per_step * (args.steps + 1)), seed=config.seed,
-                         system_prompt=config.system_prompt, one_shot=config.one_shot)
-        report = plan(prompt_tokens(tokenizer, [r["prompt"] for r in rows]))
-        result["plan"] = {"components": report.components, "phases": report.phases, "total_bytes": report.total_bytes,
-                          "device_bytes": report.device_bytes, "settings": report.settings, "notes": report.notes,
-                          "fits": report.fits}
-        print("\nplan (grpo_lib.memory.estimate, longest prompt of the task's rows):")
-        print(memory.format_report(report))
-        print()
-
         try:
+            # 1) the model, and the plan
+            t0 = time.perf_counter()
+            tokenizer = load_tokenizer(TOKENIZER)
+            shape = build_model(folder, tokenizer, args.device)
+            gc.collect()  # the built model must be gone before the measured load
+            if cuda:
+                torch.cuda.empty_cache()
+            result["model"] = {**shape, "build_seconds": time.perf_counter() - t0,
+                               "tokenizer": f"{TOKENIZER} ({len(tokenizer)} tokens)"}
+            config = GRPOConfig.preset("colab-t4", model=folder, **overrides)
+            result["config"] = config.to_dict()
+            name = "random Qwen2" + (" (0.5B shape)" if cuda else "")
+            spec = dataclasses.replace(memory.model_spec(folder), name=name)
+            if cuda:
+                fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "tie_word_embeddings", "attention_bias")
+                same = all(getattr(spec, k) == getattr(QWEN, k) for k in fields)
+                check("model shape = Qwen2.5-0.5B-Instruct's (grpo_lib.memory.MODEL_SPECS)", same, str(spec))
+            print(f"\nmodel: random Qwen2, {spec.num_params / 1e6:.0f}M params (hidden {spec.hidden_size}, "
+                  f"{spec.num_layers} layers, {spec.num_heads} heads / {spec.num_kv_heads} KV, vocab {spec.vocab_size}"
+                  f"{', as Qwen2.5-0.5B' if cuda else ', a CPU stand-in'}), tokenizer {result['model']['tokenizer']}"
+                  + ("" if spec.vocab_size == len(tokenizer) else
+                     f"; sampled ids >= {len(tokenizer)} decode to nothing"))
+            print(f"run: colab-t4 preset{' --quick' if args.quick else ''}, task {task}, "
+                  f"{config.prompts_per_step} prompts x G={config.num_generations}, "
+                  f"{config.max_completion_length} new tokens, dtype float16, 4-bit {config.load_in_4bit}, "
+                  f"LoRA r={config.lora_r}, checkpointing {config.gradient_checkpointing}, "
+                  f"{args.steps} trainer step(s)")
+
+            def plan(prompt_length: int) -> memory.MemoryReport:
+                return memory.estimate(config, spec, cap, device="cpu" if not cuda else "cuda",
+                                       prompt_length=prompt_length)
+
+            rows = load_task(task, "train", n=max(64, config.prompts_per_step * (args.steps + 1)), seed=config.seed,
+                             system_prompt=config.system_prompt, one_shot=config.one_shot)
+            report = plan(prompt_tokens(tokenizer, [r["prompt"] for r in rows]))
+            result["plan"] = {"components": report.components, "phases": report.phases,
+                              "total_bytes": report.total_bytes, "device_bytes": report.device_bytes,
+                              "settings": report.settings, "notes": report.notes, "fits": report.fits}
+            print("\nplan (grpo_lib.memory.estimate, longest prompt of the task's rows):")
+            print(memory.format_report(report))
+            print()
+
             # 2) load: the colab-t4 path (nf4 + LoRA, fp16 compute)
             t0 = meter.start()
             model, tokenizer = load_policy(folder, load_in_4bit=config.load_in_4bit, lora_r=config.lora_r,
@@ -326,7 +335,7 @@ def run(args) -> dict:
                       "layers with a bias after a no-grad forward; see avoid_cpu_packing)")
             weights = report.components["weights"] + report.components["lora_params"]
             phase("load (transient peak)", weights, seconds, peak, check=False,
-                  note="not planned: fp16 tensors before nf4 quantisation, the fp32 upcast of the embeddings")
+                  note="not checked: loading is no step phase (fp16 copies while quantising, the fp32 upcast)")
             phase("resident after load", weights, 0.0, torch.cuda.memory_allocated() if cuda else None,
                   note="weights (nf4 + fp32) + LoRA")
 
@@ -376,7 +385,8 @@ def run(args) -> dict:
             seconds, peak = meter.stop(t0)
             phase("reference (adapters off)", planned_bytes(report, "reference"), seconds, peak)
             real = mask.bool()
-            check("log-probs finite and <= 0", torch.isfinite(old_logps[real]).all() and (old_logps[real] <= 1e-4).all())
+            check("log-probs finite and <= 0",
+                  torch.isfinite(old_logps[real]).all() and (old_logps[real] <= 1e-4).all())
             gap = (old_logps - ref_logps)[real].abs().max().item()
             check("reference = policy at LoRA init (B = 0)", gap < LOGP_ATOL, f"max |diff| {gap:.2e}")
 
@@ -465,11 +475,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-completion-length", type=int, default=None,
                     help="new tokens per completion (default: the preset's 256; --quick: 32, 16 on CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: 2 prompts x G=4, 32 tokens (16 on CPU)")
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (a 2-layer model, nothing measured)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cuda (default) or cpu (a 2-layer model, nothing measured)")
     ap.add_argument("--task", default="auto", choices=("auto", "gsm8k", "larger", "successor", "addition"),
                     help="auto: GSM8K if a local copy exists (../shared/data/gsm8k), else the synthetic 'larger'")
     ap.add_argument("--tolerance", type=float, default=0.10,
-                    help=f"allowed excess of a measured peak over its plan (default 0.10; plus {SLACK_BYTES // MiB} MiB)")
+                    help=f"allowed excess of a measured peak over its plan (default 0.10, plus "
+                         f"{SLACK_BYTES // MiB} MiB)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     if args.steps < 0:

@@ -19,8 +19,8 @@ PHASES = ("load (transient peak)", "resident after load", "generation", "log-pro
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "result.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--steps", "1", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--steps", "1", "--json", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

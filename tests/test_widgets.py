@@ -59,8 +59,8 @@ def test_widgets_under_ipywidgets7():
     if not (IPYWIDGETS7_DIR / "ipywidgets").is_dir():
         pytest.fail(f"ipywidgets 7 is not installed at {IPYWIDGETS7_DIR}; run scripts/setup.sh, or: "
                     f"{IPYWIDGETS7_INSTALL}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(IPYWIDGETS7_DIR), os.environ.get("PYTHONPATH", "")]),
-           EXPECTED_MAJOR: "7"}
+    path = [str(IPYWIDGETS7_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), EXPECTED_MAJOR: "7"}
     version = subprocess.run([sys.executable, "-c", "import ipywidgets as w; print(w.__version__, w.__file__)"],
                              env=env, capture_output=True, text=True, check=True).stdout
     print("ipywidgets", version)
