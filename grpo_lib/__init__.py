@@ -1,3 +1,3 @@
 """grpo_lib: Group Relative Policy Optimization, one concept per module (see DESIGN.md)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

