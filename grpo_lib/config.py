@@ -17,6 +17,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 LONG_PROMPT_POLICIES = ("skip", "error")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRACKERS = ("tensorboard", "trackio", "wandb")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
@@ -106,6 +107,16 @@ class GRPOConfig:
     """Advantage scale: std over the "group", over the "batch", or "none" (Dr. GRPO)."""
     max_steps: int = 200
     """Training steps (one generation batch each)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop zero-variance groups (no learning signal) and sample more prompts until
+    the step has prompts_per_step informative groups, or max_resample_rounds extra rounds were spent."""
+    max_resample_rounds: int = 3
+    """With dynamic_sampling: extra generation rounds a step may spend looking for informative groups."""
+    saturation_threshold: float | None = None
+    """Stop the run early (adapter saved as usual) once the share of zero-variance groups has stayed at or
+    above this (e.g. 0.9) for saturation_patience steps in a row; None never stops early."""
+    saturation_patience: int = 3
+    """Steps in a row above saturation_threshold before the run stops."""
     seed: int = 0
     """Seeds python, numpy and torch (sampling included)."""
 
@@ -120,12 +131,16 @@ class GRPOConfig:
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     save_total_limit: int = 2
     """Checkpoints kept; older ones are pruned."""
+    report_to: tuple[str, ...] = ()
+    """Where per-step metrics also go (TRL's name): "tensorboard", "trackio", "wandb". The run log stays the
+    source of truth; () sends them nowhere else."""
 
     # ---------------------------------------------------------------------------------------
 
     def __post_init__(self):
         # tuples, not lists, so the config stays hashable and comparable after a JSON round trip
         self.reward_funcs = tuple(self.reward_funcs)
+        self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
         if self.reward_weights is not None:
             self.reward_weights = tuple(float(w) for w in self.reward_weights)
         validate(self)
@@ -288,6 +303,12 @@ def validate(c: GRPOConfig) -> None:
     _require(c.lr_scheduler_type in LR_SCHEDULERS, "lr_scheduler_type", c.lr_scheduler_type,
              f"choose one of {LR_SCHEDULERS}")
     _require(c.dtype in DTYPES, "dtype", c.dtype, f"choose one of {DTYPES}")
+    _require(c.max_resample_rounds >= 0, "max_resample_rounds", c.max_resample_rounds, "must be >= 0")
+    _require(c.saturation_threshold is None or 0 < c.saturation_threshold <= 1, "saturation_threshold",
+             c.saturation_threshold, "must be in (0, 1] (a share of zero-variance groups, e.g. 0.9), or None")
+    _require(c.saturation_patience >= 1, "saturation_patience", c.saturation_patience, "must be >= 1")
+    _require(all(t in TRACKERS for t in c.report_to), "report_to", c.report_to,
+             f"name trackers from {TRACKERS} (or none: [])")
     _require(c.reward_timeout_s > 0, "reward_timeout_s", c.reward_timeout_s, "must be > 0 seconds")
     _require(len(c.reward_funcs) >= 1, "reward_funcs", c.reward_funcs, "name at least one reward function")
     _require(all(isinstance(n, str) for n in c.reward_funcs), "reward_funcs", c.reward_funcs,

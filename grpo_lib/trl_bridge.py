@@ -42,6 +42,7 @@ CONVERTED: dict[str, tuple[str, str]] = {
     "lr_scheduler_type": ("lr_scheduler_type", "'constant' after a warm-up is transformers' 'constant_with_warmup'"),
     "gradient_checkpointing": ("activation_checkpointing", "transformers 5's name"),
     "reward_weights": ("reward_weights", "a list in TRL"),
+    "report_to": ("report_to", "a list in TRL; none = 'none'"),
 }
 """grpo_lib knob -> (TRL field, how the value is converted)."""
 
@@ -70,6 +71,11 @@ NO_COUNTERPART: dict[str, tuple[bool, str]] = {
     "logprob_chunk_size": (False, "how the workbench bounds logits memory; TRL computes the same log-probs its way"),
     "share_prompt_forward": (False, "a workbench speed-up with the same math; TRL runs prompt + completion in one "
                                     "forward"),
+    "dynamic_sampling": (True, "TRL 1.16 has no dynamic sampling (DAPO): every sampled group is trained on"),
+    "max_resample_rounds": (False, "only used by dynamic_sampling"),
+    "saturation_threshold": (False, "TRL runs until max_steps; stop it yourself (python -m grpo_lib doctor on its "
+                                    "logs shows saturation)"),
+    "saturation_patience": (False, "only used by saturation_threshold"),
 }
 """grpo_lib knob -> (refuse a non-default value?, why TRL has no counterpart)."""
 
@@ -158,6 +164,7 @@ def trl_fields(config: GRPOConfig, num_processes: int = 1) -> dict:
                               else config.lr_scheduler_type),
         "activation_checkpointing": config.gradient_checkpointing,
         "reward_weights": None if config.reward_weights is None else list(config.reward_weights),
+        "report_to": list(config.report_to) or "none",
     })
     return out
 
@@ -174,7 +181,7 @@ def runtime_fields(output_dir: str, dtype: str = "auto") -> dict:
     else:
         amp = compute_dtype("cuda", dtype)
         precision = {"bf16": amp == torch.bfloat16, "fp16": amp == torch.float16}
-    return {"output_dir": str(output_dir), "report_to": "none", "logging_steps": 1, **precision}
+    return {"output_dir": str(output_dir), "logging_steps": 1, **precision}
 
 
 def to_trl_config(config: GRPOConfig, output_dir: str = "trl_output", *, num_processes: int | None = None,
@@ -268,6 +275,7 @@ def from_trl_config(trl_cfg, base: GRPOConfig | None = None) -> GRPOConfig:
         "lr_scheduler_type": {"constant_with_warmup": "constant"}.get(scheduler, scheduler),
         "gradient_checkpointing": bool(trl_cfg.activation_checkpointing),
         "reward_weights": None if trl_cfg.reward_weights is None else tuple(trl_cfg.reward_weights),
+        "report_to": tuple(r for r in trl_cfg.report_to if r != "none"),
     })
     return (base or GRPOConfig()).replace(**changes)
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from grpo_lib import trl_bridge
+from grpo_lib.data import task_rows
 from grpo_lib.config import ConfigError, GRPOConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +25,7 @@ NON_DEFAULT = {
     "epsilon": 0.1, "epsilon_high": 0.28, "loss_type": "dapo", "scale_rewards": "batch", "seed": 7,
     "save_total_limit": 5, "prompts_per_step": 3, "max_steps": 17, "warmup_steps": 5, "save_steps": 0,
     "lr_scheduler_type": "cosine", "gradient_checkpointing": False, "reward_weights": (0.5, 2.0),
+    "report_to": ("tensorboard",),
 }
 
 
@@ -236,7 +238,7 @@ def test_trl_rewards_equal_the_workbench_rewards(trl_run):
     from grpo_lib.rewards import score_completions
 
     config, trainer, out = trl_run
-    answers = {r["question"]: r["answer"] for r in trl_bridge.train_rows(config)}
+    answers = {r["question"]: r["answer"] for r in task_rows(config)}
     logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     for step in (1, 2):
         table = pd.read_parquet(out / "completions" / f"completions_{step:05d}.parquet")
@@ -258,7 +260,7 @@ def test_trl_reward_path_equals_the_workbench_on_chosen_completions(trl_run):
     from grpo_lib.rewards import score_completions
 
     config, trainer, _ = trl_run
-    rows = trl_bridge.train_rows(config, n=4)
+    rows = task_rows(config, n=4)
     rows[3] = {**rows[3], "answer": None}  # no gold answer: the answer reward does not apply
     texts = [f"<answer>{rows[0]['answer']}</answer>", "<answer>-1</answer>", "no tags at all",
              f"<think>x</think> <answer>{rows[0]['answer']}</answer>"]
