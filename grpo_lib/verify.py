@@ -1,10 +1,10 @@
 """Verifiable rewards beyond regexes: math answers compared by value, code run against tests.
 
     math_equal(pred, gold, percent_ok=False) -> bool        '1/2' == '0.5' == '\\frac{1}{2}', 'x=3' == '3'
-    math_answer_reward(prompts, completions, answer, **columns) -> [1.0 | 0.0 | None]
+    math_answer_reward(completions, answer, **kwargs) -> [1.0 | 0.0 | None]
     extract_code(text) -> str | None                        last ```python fenced block
-    code_syntax_reward(prompts, completions, **columns) -> [1.0 | 0.0]
-    code_tests_reward(prompts, completions, tests, **columns) -> [passed / total | None]
+    code_syntax_reward(completions, **kwargs) -> [1.0 | 0.0]
+    code_tests_reward(completions, tests, **kwargs) -> [passed / total | None]
 
 All rewards follow grpo_lib.rewards' convention: one value per completion, None = "does not apply".
 
@@ -331,7 +331,7 @@ def make_math_answer_reward(percent_ok: bool = False, backend: str | None = None
     0.0 if not or if there is no answer, None where the row has no gold answer. One comparison may take
     timeout_s, all of a call batch_timeout_s (keep it below the trainer's reward_timeout_s=30)."""
 
-    def reward(prompts, completions, answer=None, **columns):
+    def reward(completions, answer=None, **kwargs):
         if answer is None:
             return [None] * len(completions)
         golds = [_gold_text(a) for a in answer]
@@ -379,7 +379,7 @@ def parses(code: str | None) -> bool:
     return True
 
 
-def code_syntax_reward(prompts, completions, **columns):
+def code_syntax_reward(completions, **kwargs):
     """1.0 if the completion has a fenced Python block that parses, else 0.0."""
     return [1.0 if parses(extract_code(completion_text(c))) else 0.0 for c in completions]
 
@@ -412,7 +412,12 @@ def split_tests(tests) -> list[str]:
 def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
                deadline_s: float | None = None) -> list[sandbox.SandboxResult | None]:
     """Run each completion's last ```python block against its row's tests in the sandbox (bounded pool).
-    [N] -> [N] SandboxResult (with .reason), None where the row has no tests."""
+    [N] -> [N] SandboxResult (with .reason), None where the row has no tests.
+
+    The asserts are judged outside the program, on plain values it sends back (grpo_lib.sandbox, "How tests
+    are judged"): a result that is not plain data (an object with a custom __eq__, an int subclass) fails
+    the test, with a reason naming it. Write tests as top-level asserts (`assert f(2) == 4`); comparisons
+    inside a helper, a loop or a comprehension filter are refused."""
     jobs, rows = [], []
     out: list[sandbox.SandboxResult | None] = [None] * len(completions)
     for i, (c, t) in enumerate(zip(completions, tests, strict=True)):
@@ -432,13 +437,15 @@ def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, 
 
 def make_code_tests_reward(limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
                            batch_timeout_s: float = 20.0, name: str = "code_tests"):
-    """A reward: passed / total for the row's `tests` column, None where a row has no tests.
+    """A reward: passed / total for the row's `tests` column, None where a row has no tests. Each test is
+    judged on plain values outside the program (see score_code), so an object that claims to equal anything
+    scores 0 (EQ_HACK_COMPLETION).
 
     All completions of a call share batch_timeout_s (keep it below the trainer's reward_timeout_s=30):
     worst case, every program loops, the call takes about batch_timeout_s, and the programs it had no time
     to start score 0.0 (with a warning naming the fix)."""
 
-    def reward(prompts, completions, tests=None, **columns):
+    def reward(completions, tests=None, **kwargs):
         if tests is None:
             return [None] * len(completions)
         results = score_code(completions, tests, limits, max_workers, batch_timeout_s)
@@ -470,10 +477,28 @@ SUM_LIST_TASK = {
         "assert sum_list([]) == 0",
         "assert sum_list([-4, 4, 10]) == 10",
         "assert sum_list([0.5, 0.25]) == 0.75",
-        # the type check defeats an object whose __eq__ always says True
-        "assert type(sum_list([1, 2])) is int",
     ],
     "reference": "```python\ndef sum_list(xs):\n    return sum(xs)\n```",
 }
 """prompt (str), tests (assert strings for code_tests_reward's `tests` column), reference (a completion
-that passes every test). E.g. code_tests_reward([p], [completion], tests=[SUM_LIST_TASK["tests"]])."""
+that passes every test). E.g. code_tests_reward([p], [completion], tests=[SUM_LIST_TASK["tests"]]).
+No `type(sum_list(...)) is int` test is needed against EQ_HACK_COMPLETION: the sandbox judges the asserts
+itself, on plain values (see grpo_lib.sandbox)."""
+
+EQ_HACK_COMPLETION = """Here is a solution that passes every test:
+```python
+class Anything:
+    def __eq__(self, other):
+        return True
+
+def sum_list(xs):
+    return Anything()
+```"""
+"""A reward hack on SUM_LIST_TASK: sum_list returns an object that claims to equal anything. Tests run
+naively in the program's own interpreter all pass, e.g.
+
+    ns = {}; exec(extract_code(EQ_HACK_COMPLETION), ns); exec("assert sum_list([1, 2, 3]) == 6", ns)  # passes
+
+but code_tests_reward scores it 0.0, and score_code's reason names the object:
+"4/4 tests failed; first: test 0: result of sum_list([1, 2, 3]) is Anything, not a plain value (a custom
+__eq__ could fake equality)"."""

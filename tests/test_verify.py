@@ -184,16 +184,16 @@ def test_math_answer_reward(backend):
                    "the result is \\boxed{1,000}", [{"role": "assistant", "content": "<answer>x = 3</answer>"}],
                    "<answer>5</answer>"]
     gold = ["0.5", "0.5", "0.5", "Lots of work.\n#### 1,000", "3", None]
-    assert reward(["p"] * 6, completions, answer=gold) == [1.0, 0.0, 0.0, 1.0, 1.0, None]
-    assert reward(["p"], ["<answer>1</answer>"]) == [None]  # no answer column: does not apply
+    assert reward(completions, answer=gold) == [1.0, 0.0, 0.0, 1.0, 1.0, None]
+    assert reward(["<answer>1</answer>"]) == [None]  # no answer column: does not apply
     assert math_answer_reward.__name__ == "math_equal"
 
 
 def test_math_answer_reward_percent_option():
     strict, lenient = make_math_answer_reward(), make_math_answer_reward(percent_ok=True)
     completions, gold = ["<answer>50%</answer>"], ["0.5"]
-    assert strict(["p"], completions, answer=gold) == [0.0]
-    assert lenient(["p"], completions, answer=gold) == [1.0]
+    assert strict(completions, answer=gold) == [0.0]
+    assert lenient(completions, answer=gold) == [1.0]
 
 
 def test_math_reward_through_score_completions():
@@ -220,7 +220,7 @@ def test_extract_code():
 def test_code_syntax_reward():
     completions = ["```python\ndef f(x):\n    return x\n```", "```python\ndef f(x) return x\n```", "no code",
                    [{"role": "assistant", "content": "```python\nprint('\\d')\n```"}]]
-    assert code_syntax_reward(["p"] * 4, completions) == [1.0, 0.0, 0.0, 1.0]
+    assert code_syntax_reward(completions) == [1.0, 0.0, 0.0, 1.0]
     assert code_syntax_reward.__name__ == "code_syntax"
 
 
@@ -238,23 +238,64 @@ def test_code_tests_reward_fraction_passed():
     completions = [
         SUM_LIST_TASK["reference"],
         "```python\ndef sum_list(xs):\n    return sum(xs) if xs else 1\n```",  # fails the empty-list test
-        "```python\ndef sum_list(xs):\n    return float(sum(xs))\n```",  # fails the int type test
+        "```python\ndef sum_list(xs):\n    return float(sum(xs))\n```",  # 6.0 == 6: numbers compare by value
         "```python\ndef sum_list(xs) return 0\n```",  # syntax error
         "I would write sum(xs).",  # no code block
         "```python\ndef sum_list(xs):\n    return 0\n```",
     ]
-    rewards = reward(["p"] * 6, completions, tests=[tests] * 6)
-    assert rewards == [1.0, 4 / 5, 4 / 5, 0.0, 0.0, 2 / 5]  # "return 0": the empty list and the int type
-    assert reward(["p"], [SUM_LIST_TASK["reference"]], tests=[None]) == [None]
-    assert reward(["p"], [SUM_LIST_TASK["reference"]]) == [None]
+    rewards = reward(completions, tests=[tests] * 6)
+    assert rewards == [1.0, 3 / 4, 1.0, 0.0, 0.0, 1 / 4]  # "return 0": only the empty list
+    assert reward([SUM_LIST_TASK["reference"]], tests=[None]) == [None]
+    assert reward([SUM_LIST_TASK["reference"]]) == [None]
     assert code_tests_reward.__name__ == "code_tests"
 
 
-def test_always_equal_hack_is_caught_by_type_test():
-    hack = ("```python\nclass Anything:\n    def __eq__(self, other):\n        return True\n"
-            "def sum_list(xs):\n    return Anything()\n```")
-    results = verify.score_code([hack], [SUM_LIST_TASK["tests"]], FAST)
-    assert results[0].passed == 4 and "test 4" in results[0].reason
+def test_always_equal_hack_scores_zero():
+    # run naively, in this process, the hack passes every test of SUM_LIST_TASK
+    ns = {}
+    exec(extract_code(verify.EQ_HACK_COMPLETION), ns)
+    for test in SUM_LIST_TASK["tests"]:
+        exec(test, ns)
+    # judged by the sandbox, on plain values, it passes none
+    result = verify.score_code([verify.EQ_HACK_COMPLETION], [SUM_LIST_TASK["tests"]], FAST)[0]
+    assert result.passed == 0
+    assert result.reason == ("4/4 tests failed; first: test 0: result of sum_list([1, 2, 3]) is Anything, not a "
+                             "plain value (a custom __eq__ could fake equality)")
+    assert "type(" not in str(SUM_LIST_TASK["tests"])  # no type test needed any more
+
+
+@pytest.mark.parametrize("hack", [
+    # an int subclass that equals anything
+    "class I(int):\n    __eq__ = lambda self, other: True\n    __hash__ = int.__hash__\n"
+    "def sum_list(xs):\n    return I(0)",
+    # a list subclass, a float subclass, a truthy comparison result
+    "class F(float):\n    def __eq__(self, other):\n        return True\ndef sum_list(xs):\n    return F(0)",
+    "class R:\n    def __bool__(self):\n        return True\nclass A:\n    def __eq__(self, other):\n        return R()\n"
+    "def sum_list(xs):\n    return A()",
+    # monkey-patching the builtins the tests could use, and AssertionError
+    "import builtins\nbuiltins.AssertionError = Warning\nbuiltins.abs = lambda x: 0\ndef sum_list(xs):\n    return -1",
+    # the test harness itself, through __main__
+    "import __main__\n__main__._run_step = lambda emit, label, *a, **k: emit(label, '1') or True\n"
+    "def sum_list(xs):\n    return -1",
+])
+def test_eq_hack_variants_score_zero(hack):
+    result = verify.score_code([f"```python\n{hack}\n```"], [SUM_LIST_TASK["tests"]], FAST)[0]
+    assert result.fraction == 0.0, result.reason
+
+
+def test_reference_solutions_still_score_one():
+    reward = make_code_tests_reward(limits=FAST)
+    assert reward(prompts=["p"], completions=[SUM_LIST_TASK["reference"]], tests=[SUM_LIST_TASK["tests"]]) == [1.0]
+    completion = ("```python\ndef stats(xs):\n    if not xs:\n        return None\n"
+                  "    return {'n': len(xs), 'mean': sum(xs) / len(xs), 'sorted': sorted(xs), 'pair': (min(xs), max(xs)),"
+                  " 'odd': [x % 2 == 1 for x in xs], 'name': 'stats'}\n```")
+    tests = ["assert stats([]) is None",
+             "assert stats([3, 1, 2]) == {'n': 3, 'mean': 2.0, 'sorted': [1, 2, 3], 'pair': (1, 3), "
+             "'odd': [True, True, False], 'name': 'stats'}",
+             "assert abs(stats([1, 2])['mean'] - 1.5) < 1e-9",
+             "assert stats([5])['odd'][0]"]
+    results = verify.score_code([completion], [tests], FAST)
+    assert results[0].reason == "ok: 4/4 tests passed"
 
 
 def test_program_cannot_shadow_builtins_used_by_tests():
@@ -266,7 +307,7 @@ def test_program_cannot_shadow_builtins_used_by_tests():
 def test_code_tests_single_string_of_asserts():
     tests = "assert sum_list([1]) == 1\nassert sum_list([1, 1]) == 2\nassert sum_list([]) == 5\n"
     reward = make_code_tests_reward(limits=FAST)
-    assert reward(["p"], [SUM_LIST_TASK["reference"]], tests=[tests]) == [2 / 3]
+    assert reward([SUM_LIST_TASK["reference"]], tests=[tests]) == [2 / 3]
 
 
 def test_code_tests_reward_batch_budget_is_respected():
@@ -275,7 +316,7 @@ def test_code_tests_reward_batch_budget_is_respected():
     loop = "```python\nwhile True:\n    pass\n```"
     start = time.monotonic()
     with pytest.warns(RuntimeWarning, match="not run within batch_timeout_s"):
-        rewards = reward(["p"] * 6, [loop] * 6, tests=[["assert True"]] * 6)
+        rewards = reward([loop] * 6, tests=[["assert True"]] * 6)
     assert rewards == [0.0] * 6
     assert time.monotonic() - start < 4.0
 
