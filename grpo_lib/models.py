@@ -166,6 +166,8 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if torch.device(device).type == "cpu":
+            keep_4bit_weights_trainable_on_cpu(model)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -177,6 +179,21 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def keep_4bit_weights_trainable_on_cpu(model) -> int:
+    """CPU only: stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 inference kernel.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight on the first eval-mode, no-grad forward (sampling) on a
+    CPU with AVX512-BF16; a later forward with gradients then fails in layers with a bias (Qwen2's q/k/v: "a
+    view of a leaf Variable that requires grad is being used in an in-place operation"). GPUs have no such
+    path. Returns the number of layers changed."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def load_policy_from_config(config, device: str | None = None):

@@ -90,21 +90,6 @@ def decodable_vocab(tokenizer, vocab_size: int) -> int:
         return len(tokenizer)
 
 
-def avoid_cpu_packing(model) -> int:
-    """CPU only: keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 inference kernel.
-
-    bitsandbytes 0.50 repacks a Linear4bit's weight on the first eval-mode, no-grad forward (sampling) on
-    a CPU with AVX512-BF16; a later forward with gradients then fails in layers with a bias (Qwen2's q/k/v:
-    "a view of a leaf Variable that requires grad is being used in an in-place operation"). Llama-style
-    layers without biases are unaffected, and the GPU has no such path. Returns the layers changed."""
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    return len(layers)
-
-
 def build_model(folder: str, tokenizer, device: str) -> dict:
     """Save a randomly initialised Qwen2 (fp16 safetensors) and the tokenizer to `folder`; its shape as a dict."""
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -330,9 +315,6 @@ def run(args) -> dict:
                                            gradient_checkpointing=config.gradient_checkpointing,
                                            device=args.device, dtype=torch.float16)
             seconds, peak = meter.stop(t0)
-            if not cuda and avoid_cpu_packing(model):
-                print("CPU: bitsandbytes' AVX512-BF16 weight repacking switched off (it breaks training of 4-bit "
-                      "layers with a bias after a no-grad forward; see avoid_cpu_packing)")
             weights = report.components["weights"] + report.components["lora_params"]
             phase("load (transient peak)", weights, seconds, peak, check=False,
                   note="not checked: loading is no step phase (fp16 copies while quantising, the fp32 upcast)")

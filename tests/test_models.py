@@ -114,3 +114,27 @@ def test_embedded_model_is_cached_and_speaks(embedded_policy):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.size(1):])
+
+
+def test_4bit_layers_with_a_bias_train_after_sampling_on_cpu(tmp_path, tokenizer):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first no-grad eval forward
+    (sampling); without models.keep_4bit_weights_trainable_on_cpu, the next forward with gradients fails in
+    layers with a bias (Qwen2's q/k/v) on CPUs with AVX512-BF16."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo_lib.logprobs import per_token_logps
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_policy(str(tmp_path), load_in_4bit=True, lora_r=4, device="cpu")
+    assert any(getattr(m, "bias", None) is not None for m in model.modules() if type(m).__name__ == "Linear4bit")
+    ids = torch.randint(0, 1000, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what sampling does first
+    model.train()
+    logps = per_token_logps(model, ids, torch.ones_like(ids), 3)
+    logps.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
