@@ -3,6 +3,7 @@
     python -m grpo_lib train --preset cpu-tiny --steps 30 --run-dir runs/demo
     python -m grpo_lib train --config my_run.yaml --run-dir runs/big --save-steps 25
     python -m grpo_lib train --preset cpu-tiny --run-dir runs/demo --resume
+    python -m grpo_lib doctor runs/demo        # what went wrong (or right) in a run, with advice
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ def cmd_train(args) -> int:
         print(f"resumed from step {trainer.resume(force=args.force)}", flush=True)
 
     t_eval = time.time()
-    before = _cached_eval(run_dir / "eval_before.json",
-                          lambda: evaluation.evaluate(model, tokenizer, eval_rows, config)) if eval_rows else None
+    before = evaluation.cached_evaluate(run_dir / "eval_before.json", model, tokenizer, eval_rows,
+                                        config) if eval_rows else None
     if before:
         print(f"before training: format {before['format']:.3f}  correct {before['accuracy']:.3f} "
               f"on {before['n']} held-out prompts", flush=True)
-    dashboard = TrainingDashboard(config.max_steps, eval_seconds=time.time() - t_eval if eval_rows else None)
+    dashboard = TrainingDashboard(config.max_steps, eval_seconds=time.time() - t_eval if eval_rows else None,
+                                  config=config.to_dict())
     trainer.train(on_step=dashboard.update)
     dashboard.close()
     after = None
@@ -76,18 +78,12 @@ def cmd_train(args) -> int:
         _write_json(run_dir / "eval_after.json", after)
         print("\n" + evaluation.comparison_table(before, after), flush=True)
     _save_plots(run_dir, before, after)
+    from .doctor import diagnose, format_findings
+
+    print("\n" + format_findings(diagnose(run_dir)), flush=True)  # the whole run log, resumed steps included
     print(f"\nrun log {run_dir / runlog.LOG_NAME}, adapter {run_dir / 'adapter'}, "
           f"total {time.time() - t0:.0f}s", flush=True)
     return 0
-
-
-def _cached_eval(path: Path, compute) -> dict:
-    """The 'before' evaluation is computed once per run directory, so a resumed run compares with it."""
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    _write_json(path, result)
-    return result
 
 
 def _write_json(path: Path, obj) -> None:
@@ -119,6 +115,22 @@ def cmd_plan(args) -> int:
     return 0 if report.fits else 1
 
 
+def cmd_doctor(args) -> int:
+    """Print the run doctor's findings; exit 0 whatever it finds (a missing directory is a user error)."""
+    from . import doctor, runlog
+
+    path = Path(args.run_dir)
+    if not path.exists():
+        raise runlog.RunDirError(f"{path} does not exist")
+    log = path / runlog.LOG_NAME if path.is_dir() else path
+    if not log.exists():
+        print(f"run doctor: no run log at {log}: nothing to diagnose yet (no step has finished)")
+        return 0
+    findings = doctor.diagnose(path)
+    print(doctor.findings_json(findings) if args.json else doctor.format_findings(findings))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grpo_lib", description="GRPO workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +146,9 @@ def make_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
             s.add_argument("--force", action="store_true", help="with --resume: accept a run dir made with "
                            "another config")
+    d = sub.add_parser("doctor", help="diagnose a run from its log (reward signal, saturation, KL, length, ...)")
+    d.add_argument("run_dir", help="a run directory (or its log.jsonl)")
+    d.add_argument("--json", action="store_true", help="print the findings as JSON")
     return p
 
 
@@ -154,7 +169,7 @@ def user_errors() -> dict[type, str]:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "plan": cmd_plan}[args.command](args)
+        return {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: the run log and the last checkpoint are kept; continue with --resume", file=sys.stderr)
         return 130

@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass, fields
 
 # The choices of the string knobs, defined here once; loss.py and advantages.py import them.
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 LONG_PROMPT_POLICIES = ("skip", "error")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -100,9 +101,22 @@ class GRPOConfig:
     epsilon: float = 0.2
     """PPO clip range (lower side, and upper unless epsilon_high is set)."""
     epsilon_high: float | None = None
-    """Upper clip (DAPO's clip-higher, e.g. 0.28); None = epsilon."""
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); None = epsilon. With loss_type="cispo" it is the cap of the
+    importance weight itself, not 1 + epsilon_high (epsilon_max of MiniMax-M1 / ScaleRL, e.g. 5.0)."""
     loss_type: str = "grpo"
-    """Token aggregation: "grpo" (seq mean, then mean), "bnpo"/"dapo" (token mean), "dr_grpo"."""
+    """Token aggregation: "grpo" (seq mean, then mean), "bnpo"/"dapo" (token mean), "dr_grpo"; or "cispo"
+    (MiniMax-M1, arXiv 2506.13585): clip the detached importance weight at epsilon_high instead of the update,
+    loss -min(rho, epsilon_high) A logp, token mean over the step as "dapo"."""
+    importance_sampling_level: str = "token"
+    """"token": one ratio per token (PPO, GRPO); "sequence": one per completion, the ratio of its
+    length-normalised likelihoods exp(mean_t log rho_t), clipped per sequence (GSPO, arXiv 2507.18071; use
+    with loss_type="grpo", and much smaller epsilons, e.g. 3e-4 / 4e-4)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without EOS out of the loss (they still count in their
+    group's advantages); DAPO's overlong filtering (arXiv 2503.14476). Usually on with long reasoning."""
+    top_entropy_quantile: float = 1.0
+    """rho in [0, 1]: train only on the tokens whose policy entropy is at or above the (1 - rho)-quantile of the
+    micro-batch's tokens ("Beyond the 80/20 rule", arXiv 2506.01939, recommends 0.2); 1.0 = every token."""
     scale_rewards: str = "group"
     """Advantage scale: std over the "group", over the "batch", or "none" (Dr. GRPO)."""
     max_steps: int = 200
@@ -297,6 +311,13 @@ def validate(c: GRPOConfig) -> None:
     _require(c.epsilon_high is None or c.epsilon_high >= 0, "epsilon_high", c.epsilon_high,
              "must be >= 0 or None (DAPO uses 0.28)")
     _require(c.loss_type in LOSS_TYPES, "loss_type", c.loss_type, f"choose one of {LOSS_TYPES}")
+    _require(c.loss_type != "cispo" or (c.epsilon_high is not None and c.epsilon_high >= 1), "epsilon_high",
+             c.epsilon_high, "loss_type='cispo' caps the importance weight at epsilon_high itself (not 1 + "
+             "epsilon_high): set it >= 1, e.g. 5.0 (MiniMax-M1, ScaleRL)")
+    _require(c.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+             c.importance_sampling_level, f"choose one of {IMPORTANCE_SAMPLING_LEVELS}")
+    _require(0 <= c.top_entropy_quantile <= 1, "top_entropy_quantile", c.top_entropy_quantile,
+             "must be in [0, 1] (the share of highest-entropy tokens trained on; 0.2 is usual, 1.0 = all)")
     _require(c.scale_rewards in SCALE_REWARDS, "scale_rewards", c.scale_rewards, f"choose one of {SCALE_REWARDS}")
     _require(c.long_prompts in LONG_PROMPT_POLICIES, "long_prompts", c.long_prompts,
              f"choose one of {LONG_PROMPT_POLICIES}")

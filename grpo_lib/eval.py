@@ -8,6 +8,9 @@ restored afterwards (rng.forked_rng), so evaluating never changes what a run sam
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .config import GRPOConfig
 from .data import format_prompt
 from .models import model_device
@@ -68,6 +71,19 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
             "n": len(rows), "samples": len(texts), "completions": texts,
             "settings": {"greedy": greedy, "temperature": temperature, "top_p": top_p, "num_samples": num_samples,
                          "max_completion_length": max_completion_length, "seed": seed}}
+
+
+def cached_evaluate(path: str | Path, model, tokenizer, rows: list[dict], config: GRPOConfig | None = None,
+                    **kwargs) -> dict:
+    """evaluate(), computed once per `path` (a JSON file in the run directory): a resumed run compares with
+    the evaluation made before its first step, not with one of the half-trained model."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = evaluate(model, tokenizer, rows, config, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def comparison_table(before: dict, after: dict) -> str:

@@ -5,8 +5,8 @@
                generation  KV cache of N = prompts_per_step * G rows of (P + T) tokens + sampling buffers
                reference   one no-grad forward of a micro-batch (adapters off)
                training    saved activations of a micro-batch (one group of it on the shared-prompt
-                           path, which calls backward per group) + the larger of: the logits chunk
-                           of the head's backward (first), one layer's backward (then)
+                           path, which calls backward per group unless top_entropy_quantile < 1) + the
+                           larger of: the logits chunk of the head's backward (first), one layer's backward
 
 Nothing here allocates: sizes come from the architecture (a built-in table of common models, a
 transformers config, or a loaded model) and the config. The per-token activation counts were read
@@ -32,6 +32,9 @@ CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspace + loaded kerne
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOGITS_BLOCKS_TRAIN = 4  # [chunk, V] fp32 blocks alive in a chunk's backward (recomputed logits, grads)
+# Not counted, negligible: the per-token entropies the update's forward returns ([N, T] fp32, e.g. 32 x 256 x 4 =
+# 32 KiB) and the softmax block their computation adds to a chunk's forward (logits + softmax: 2 [chunk, V]
+# blocks, below the backward's 4; checkpointing's recompute stops before it, so backward has none).
 LOGITS_BLOCKS_NO_GRAD = 2  # logits and logits / temperature (measured: 2.1 blocks)
 TIGHT = 0.93  # above this share of the device, PyTorch's caching allocator's fragmentation may tip it over
 SAMPLING_BLOCKS = 4  # [N, V] fp32 blocks per decoding step: logits, copy, processed scores, probabilities
@@ -347,6 +350,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
                   "completions": N, "micro_batch": n, "groups_per_micro_batch": groups,
                   "gradient_accumulation_steps": config.gradient_accumulation_steps,
                   "gradient_checkpointing": ckpt, "share_prompt_forward": config.share_prompt_forward and not ckpt,
+                  "backward_per_group": _backward_per_group(config, ckpt),
                   "load_in_4bit": four_bit, "lora_r": r, "trainable_params": trainable,
                   "params": spec.num_params, "logprob_chunk_size": config.logprob_chunk_size},
         notes=notes)
@@ -367,12 +371,14 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     L, V, H, I = spec.num_layers, spec.vocab_size, spec.hidden_size, spec.intermediate_size
     Hq, Hkv, T = spec.q_dim, spec.kv_dim, config.max_completion_length
     ab = 4 if stream_fp32 else 2  # bytes per activation element
-    n, _, per_group = microbatch_shape(config)
+    n, groups, per_group = microbatch_shape(config)
     # the shared-prompt path needs use_cache, which gradient checkpointing switches off (trainer._logps)
     share = config.share_prompt_forward and not checkpointing
-    if share:  # it runs one group at a time, and training calls backward after each (trainer._backward_parts)
-        n = per_group
-    tokens = n * T + P if share else n * (P + T)  # tokens one forward runs through the body
+    # it runs one group at a time: a no-grad pass frees each group's temporaries, and training calls backward
+    # after each group, unless top_entropy_quantile < 1 needs the whole micro-batch scored first
+    if share and (not grad or _backward_per_group(config, checkpointing)):
+        n, groups = per_group, 1
+    tokens = n * T + groups * P if share else n * (P + T)  # tokens one forward runs through the body
     chunk = min(config.logprob_chunk_size, n * T)  # completion positions one output-head call scores
     if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the group's cache
         cache = n * (P + T) * L * 2 * Hkv * ab if share else 0
@@ -382,7 +388,7 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     # keys/values SDPA saves: with an attention mask (always on the shared-prompt path) they are
     # expanded to all query heads, and each completion row holds its group's prompt keys as well
     if share:
-        kv = n * (P + T) * 2 * Hq * ab + P * 2 * Hkv * ab
+        kv = n * (P + T) * 2 * Hq * ab + groups * P * 2 * Hkv * ab
     else:
         kv = tokens * 2 * Hq * ab
     layer = tokens * per_token + kv  # one layer with everything saved
@@ -391,6 +397,12 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     if checkpointing:  # each layer's input is kept; a layer is recomputed when its backward comes
         return (L + 1) * tokens * H * ab + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, layer + grads
     return L * layer + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, grads
+
+
+def _backward_per_group(config, checkpointing: bool) -> bool:
+    """Whether training calls backward once per group (trainer._backward_parts): on the shared-prompt path,
+    unless top_entropy_quantile < 1 (its quantile is over the whole micro-batch's tokens)."""
+    return config.share_prompt_forward and not checkpointing and config.top_entropy_quantile == 1.0
 
 
 def _fmt(b: float) -> str:
@@ -417,7 +429,8 @@ def format_report(report: MemoryReport) -> str:
         f"{s['completions']} completions/step = {s['completions'] // s['num_generations']} prompts x "
         f"G={s['num_generations']}, prompt ~{s['prompt_tokens']} + completion {s['completion_tokens']} tokens, "
         f"micro-batch {s['micro_batch']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-        f"{', shared prompt forward (one backward per group)' if s['share_prompt_forward'] else ''}",
+        f"{', shared prompt forward' if s['share_prompt_forward'] else ''}"
+        f"{' (one backward per group)' if s['backward_per_group'] else ''}",
         "",
         f"{'component':20} {'alive during':13} {'bytes':>10}",
     ]

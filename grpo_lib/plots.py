@@ -14,6 +14,7 @@ import textwrap
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from .advantages import group_advantages
 from .runlog import StepRecord, load_run_log, metrics_table
@@ -30,12 +31,13 @@ CURVE_PANELS = (
     ("reward (mean total)", "weighted total", ("reward/mean",)),
     ("reward per function (mean)", "unweighted reward", ("reward/*/mean",)),
     ("reward std", "std of the total", ("reward/std",)),
-    ("zero-variance groups", "fraction of groups", ("adv/zero_std_frac",)),
+    ("zero-variance groups", "fraction of groups", ("adv/zero_std_frac", "sampling/zero_std_frac")),
     ("unscorable completions", "fraction of completions", ("reward/unscorable_frac",)),
     ("KL to reference", "KL per token (nats)", ("kl/mean",)),
     ("completion length", "tokens (mean)", ("completion/mean_length",)),
+    ("token entropy", "nats per token (mean)", ("entropy/mean",)),
     ("truncated completions", "fraction of completions", ("completion/truncated_frac",)),
-    ("clip fractions", "fraction of tokens", ("clip/low", "clip/high", "clip/region")),
+    ("clip fractions", "fraction of tokens", ("clip/low", "clip/high", "clip/region", "clip/cispo")),
     ("learning rate", "learning rate", ("lr",)),
 )
 
@@ -167,12 +169,15 @@ def _constant_note(title: str, keys: list[str], table: dict[str, list[float]]) -
     return f"{title}: " + ", ".join(f"{_series_label(k)} = {v:.3g}" for k, v in zip(keys, values))
 
 
-def _draw_series(ax, steps: list[float], values: list[float], key: str, color, smoothing: float) -> None:
-    """Raw points faintly, their EMA as a line; missing (NaN) points are left out of both."""
+def _draw_series(ax, steps: list[float], values: list[float], key: str, color, smoothing: float,
+                 run: str | None = None, linestyle: str = "-") -> None:
+    """Raw points faintly, their EMA as a line; missing (NaN) points are left out of both. With `run`
+    (plot_runs) the line is labelled with the run and its gids are "run:key:raw" / "run:key:ema"."""
     xs, ys = zip(*[(s, v) for s, v in zip(steps, values) if math.isfinite(v)])
-    ax.plot(xs, ys, ".", color=color, alpha=0.35, markersize=4, gid=f"{key}:raw")
-    ax.plot(xs, ema(list(ys), smoothing), "-", color=color, linewidth=1.5, label=_series_label(key),
-            gid=f"{key}:ema")
+    gid = key if run is None else f"{run}:{key}"
+    ax.plot(xs, ys, ".", color=color, alpha=0.35, markersize=4, gid=f"{gid}:raw")
+    ax.plot(xs, ema(list(ys), smoothing), linestyle=linestyle, color=color, linewidth=1.5,
+            label=_series_label(key) if run is None else run, gid=f"{gid}:ema")
 
 
 def _draw_panel(ax, title: str, ylabel: str, keys: list[str], patterns, table, smoothing: float) -> None:
@@ -216,6 +221,63 @@ def plot_training_curves(records_or_run_dir, smoothing: float = 0.6):
     bottom = _add_note(fig, "constant over the run, not plotted: " + "; ".join(notes.values()),
                        4.2 * ncols) if notes else 0.0
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# several runs on the same panels
+# ----------------------------------------------------------------------------------------------
+
+# The panels of plot_runs, taken from CURVE_PANELS: what tells runs apart (the entropy's fall is what an
+# entropy collapse looks like).
+RUN_PANEL_TITLES = ("reward (mean total)", "reward per function (mean)", "zero-variance groups", "KL to reference",
+                    "completion length", "token entropy")
+RUN_PANELS = tuple(p for p in CURVE_PANELS if p[0] in RUN_PANEL_TITLES)
+LINESTYLES = ("-", "--", ":", "-.")  # one per reward function in the per-function panel
+
+
+def plot_runs(runs: dict, smoothing: float = 0.6, panels=RUN_PANELS):
+    """Several runs overlaid on the same panels (RUN_PANELS: reward, reward per function, zero-variance share,
+    KL, completion length, token entropy), for comparing variants or settings.
+
+    runs: {label: run directory, log.jsonl path or list of StepRecords}. One colour per run (the figure's legend),
+    raw points faintly and their EMA as a line (as plot_training_curves); in a panel with several series per run
+    (one per reward function) the line style tells them apart (the panel's legend). A panel is drawn when at
+    least one run logged one of its metrics; a run that did not is absent from that panel."""
+    if not runs:
+        raise ValueError("plot_runs needs at least one run: {label: run_dir or records}")
+    tables = {label: metrics_table(as_records(run)) for label, run in runs.items()}
+    colors = {label: f"C{i}" for i, label in enumerate(tables)}
+    found = []
+    for title, ylabel, patterns in panels:
+        keys = {label: _panel_keys(patterns, table) for label, table in tables.items()}
+        if any(keys.values()):
+            found.append((title, ylabel, keys))
+    nrows, ncols = _grid(len(found) or 1, max_cols=3)
+    fig, axes = _subplots(nrows, ncols, (4.2 * ncols, 2.8 * nrows + 0.5))
+    if not found:
+        axes[0].text(0.5, 0.5, "no metrics recorded yet", ha="center", va="center")
+        axes[0].set_axis_off()
+    for ax, (title, ylabel, keys) in zip(axes, found):
+        names = sorted({k for ks in keys.values() for k in ks})
+        styles = {k: LINESTYLES[i % len(LINESTYLES)] for i, k in enumerate(names)}
+        for label, ks in keys.items():
+            for key in ks:
+                _draw_series(ax, tables[label]["step"], tables[label][key], key, colors[label], smoothing,
+                             run=label, linestyle=styles[key])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also in short runs
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(names) > 1:  # several series per run: the line style names them
+            ax.legend(handles=[plt.Line2D([], [], color="dimgray", linestyle=styles[k], label=_series_label(k))
+                               for k in names], fontsize=8)
+    for ax in axes[max(len(found), 1):]:
+        ax.remove()
+    fig.legend(handles=[plt.Line2D([], [], color=colors[label], linewidth=2, label=str(label)) for label in tables],
+               loc="upper center", ncol=min(len(tables), 6), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     return fig
 
 

@@ -111,6 +111,32 @@ def length_reward(max_chars: int = 200, name: str = "length"):
     return reward
 
 
+def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int,
+                             name: str = "soft_overlong_punishment_reward"):
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13) on the completion's token count
+    |y| (EOS included), with L_max = max_completion_len and L_cache = soft_punish_cache:
+
+        R(y) = 0                                  |y| <= L_max - L_cache
+               ((L_max - L_cache) - |y|) / L_cache    L_max - L_cache < |y| <= L_max
+               -1                                 L_max < |y|
+
+    It penalises overlong completions and never rewards short ones. The same values as TRL's
+    trl.rewards.get_soft_overlong_punishment, and the same name in the logs. Reads `completion_ids`."""
+    if not 0 <= soft_punish_cache <= max_completion_len:
+        raise ValueError(f"soft_punish_cache={soft_punish_cache} must be in [0, max_completion_len="
+                         f"{max_completion_len}] (DAPO: 4096 of 20480)")
+    free = max_completion_len - soft_punish_cache  # longest length without a penalty
+
+    def reward(completion_ids=None, **kwargs):
+        if completion_ids is None:
+            raise ValueError(f"{name} reads completion_ids (the completions' token ids), which the trainer passes")
+        return [0.0 if len(ids) <= free else (free - len(ids)) / soft_punish_cache
+                if len(ids) <= max_completion_len else -1.0 for ids in completion_ids]
+
+    reward.__name__ = name
+    return reward
+
+
 _LARGER_CLAIM = re.compile(r"(-?\d[\d,]*(?:\.\d+)?)\s+is\s+(?:larger|bigger|greater)\s+than\s+(-?\d[\d,]*(?:\.\d+)?)",
                            re.IGNORECASE)
 
@@ -216,6 +242,19 @@ class RewardScores:
     def unscorable(self) -> torch.Tensor:
         """[N] bool: no reward function applies to the completion."""
         return self.per_func.isnan().all(dim=1)
+
+    @staticmethod
+    def cat(parts: list[tuple["RewardScores", list[int]]]) -> "RewardScores":
+        """The rows `rows` of each RewardScores, in order, as one: parts [(scores, its rows)] (same functions).
+        Logged metrics are averaged over the parts, logged columns kept for the rows taken."""
+        first = parts[0][0]
+        metrics = {k: sum(s.logged_metrics[k] for s, _ in parts if k in s.logged_metrics) /
+                      sum(k in s.logged_metrics for s, _ in parts) for s, _ in parts for k in s.logged_metrics}
+        columns = {k: [v for s, rows in parts for v in ([s.logged_columns[k][i] for i in rows]
+                                                        if k in s.logged_columns else [None] * len(rows))]
+                   for s, _ in parts for k in s.logged_columns}
+        return RewardScores(first.names, torch.cat([s.per_func[rows] for s, rows in parts]), first.weights,
+                            torch.cat([s.total[rows] for s, rows in parts]), metrics, columns)
 
 
 def combine_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

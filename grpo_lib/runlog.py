@@ -195,6 +195,14 @@ def truncate_log_after(run_dir: str | os.PathLike, step: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def latest_run(root: str | os.PathLike, prefix: str = "") -> Path | None:
+    """The most recently modified run directory under `root` whose name starts with `prefix` and that holds
+    a config.json (a run that started); None if there is none."""
+    root = Path(root)
+    runs = [d for d in root.glob(f"{prefix}*") if (d / "config.json").is_file()] if root.is_dir() else []
+    return max(runs, key=lambda d: (d / "config.json").stat().st_mtime, default=None)
+
+
 def write_run_config(run_dir: str | os.PathLike, config_dict: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

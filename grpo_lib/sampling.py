@@ -53,6 +53,28 @@ class Rollout:
         return [p for p in self.prompts for _ in range(self.num_generations)]
 
 
+def cat_groups(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Rollout:
+    """Some groups of several rollouts as one Rollout, in the order given: parts [(rollout, its groups)].
+    Prompts are left-padded to the longest, completions right-padded to the longest (masks 0 on padding)."""
+    G = parts[0][0].num_generations
+    P = max(r.prompt_ids.size(1) for r, _ in parts)
+    T = max(r.completion_ids.size(1) for r, _ in parts)
+    pieces = {k: [] for k in ("prompts", "prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                              "completion_texts", "truncated")}
+    for r, groups in parts:
+        rows = [g * G + j for g in groups for j in range(G)]  # the groups' completions, group-major
+        left, right = P - r.prompt_ids.size(1), T - r.completion_ids.size(1)
+        pieces["prompts"] += [r.prompts[g] for g in groups]
+        pieces["prompt_ids"].append(torch.nn.functional.pad(r.prompt_ids[groups], (left, 0), value=pad_id))
+        pieces["prompt_mask"].append(torch.nn.functional.pad(r.prompt_mask[groups], (left, 0), value=0))
+        pieces["completion_ids"].append(torch.nn.functional.pad(r.completion_ids[rows], (0, right), value=pad_id))
+        pieces["completion_mask"].append(torch.nn.functional.pad(r.completion_mask[rows], (0, right), value=0))
+        pieces["completion_texts"] += [r.completion_texts[i] for i in rows]
+        pieces["truncated"].append(r.truncated[rows])
+    tensors = {k: torch.cat(v) for k, v in pieces.items() if isinstance(v[0], torch.Tensor)}
+    return Rollout(pieces["prompts"], completion_texts=pieces["completion_texts"], num_generations=G, **tensors)
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's (may be a list)."""
     ids = model.generation_config.eos_token_id

@@ -28,14 +28,15 @@ from .advantages import advantage_stats, group_advantages
 from .config import GRPOConfig
 from .data import check_dataset, filter_long_prompts
 from .logprobs import rollout_logps
-from .loss import grpo_loss, k3_kl, microbatch_normalizers, probability_ratio
+from .loss import grpo_loss, k3_kl, mask_truncated_completions, masked_mean, microbatch_normalizers, probability_ratio
 from .models import (frozen_copy, is_peft, model_compute_dtype, model_device, model_mode, reference_mode,
                      trainable_parameters)
-from .rewards import (default_trainer_state, required_columns, resolve_reward_funcs, reward_inputs,
-                      score_completions)
+from .rewards import (RewardScores, default_trainer_state, required_columns, resolve_reward_funcs,
+                      reward_inputs, score_completions)
 from .rng import rng_state, seed_everything, set_rng_state
 from .runlog import RunDirError, StepRecord
-from .sampling import sample_groups
+from .sampling import cat_groups, sample_groups
+from .tracking import Tracker
 
 
 class StepOOMError(RuntimeError):
@@ -101,6 +102,8 @@ class GRPOTrainer:
         self._run_dir_checked = False  # config.json compared (or written) once per trainer
         self.step_count = 0  # completed steps
         self.data_position = 0  # prompts consumed, across epochs
+        self.saturated_steps = 0  # steps in a row at or above saturation_threshold (saturation stop)
+        self.stop_reason: str | None = None  # set when train() stops before max_steps
 
     # ------------------------------------------------------------------------------------------
     # data order: a fresh seeded permutation per epoch, so a resume can recompute it
@@ -123,39 +126,37 @@ class GRPOTrainer:
     def step(self) -> StepRecord:
         """Run one GRPO step and return its record (not written anywhere: train() does that)."""
         c = self.config
-        t0 = time.perf_counter()
-        rows = self.next_rows()
         G = c.num_generations
+        times = {"generate": 0.0, "score": 0.0}
 
-        # 1) sample G completions per prompt
-        rollout = sample_groups(self.model, self.tokenizer, [r["prompt"] for r in rows], G,
-                                c.max_completion_length, c.temperature, c.top_p)
-        t_gen = time.perf_counter()
-
-        # 2) rewards [N, F] and their weighted total [N], the reward functions called as TRL calls them
-        completion_ids = rollout.completion_id_lists()
-        scores = score_completions(self.reward_funcs, **reward_inputs(rows, rollout.completion_texts, G, completion_ids),
-                                   weights=self.reward_weights, timeout_s=c.reward_timeout_s, num_generations=G,
-                                   trainer_state=default_trainer_state(self.step_count, c.max_steps))
+        # 1) + 2) sample G completions per prompt and score them [N, F] -> total [N]; with dynamic sampling,
+        # more prompts until prompts_per_step groups carry a learning signal
+        rows = self.next_rows()
+        rollout, scores = self._sample_and_score(rows, times)
+        sampling_stats = {}
+        if c.dynamic_sampling:
+            rows, rollout, scores, sampling_stats = self._keep_informative_groups(rows, rollout, scores, times)
 
         # 3) group-relative advantages [groups, G] -> [N], on the model's device
+        t0 = time.perf_counter()
         rewards = scores.total.reshape(-1, G)
         adv, zero_std = group_advantages(rewards, c.scale_rewards)
         advantages = adv.reshape(-1).to(model_device(self.model))
-        t_score = time.perf_counter()
+        times["score"] += time.perf_counter() - t0
 
         # 4) + 5) reference / old log-probs, then mu updates
+        t0 = time.perf_counter()
         try:
             train_stats, token_stats = self._update(rollout, advantages)
         except torch.OutOfMemoryError as e:
             raise StepOOMError(self._oom_advice()) from e
-        t_train = time.perf_counter()
+        times["train"] = time.perf_counter() - t0
 
         # 6) the record
         self.step_count += 1
-        times = {"generate": t_gen - t0, "score": t_score - t_gen, "train": t_train - t_score}
         metrics = step_metrics(scores, rewards, adv, zero_std, rollout, train_stats, times,
-                               self.scheduler.get_last_lr()[0])
+                               self.scheduler.get_last_lr()[0], sampling_stats)
+        completion_ids = rollout.completion_id_lists()
         return StepRecord(
             step=self.step_count, prompts=rollout.prompts, completions=rollout.completion_texts,
             reward_names=scores.names, rewards=scores.as_lists(), reward_weights=scores.weights.tolist(),
@@ -165,15 +166,67 @@ class GRPOTrainer:
             completion_ids=completion_ids, tokens=self._token_strings(completion_ids), token_stats=token_stats,
             logged=scores.logged_columns)
 
+    def _sample_and_score(self, rows: list[dict], times: dict[str, float]):
+        """(Rollout, RewardScores) of G completions for each row; the reward functions called as TRL calls them.
+        Adds the seconds spent to times["generate"] and times["score"]."""
+        c = self.config
+        t0 = time.perf_counter()
+        rollout = sample_groups(self.model, self.tokenizer, [r["prompt"] for r in rows], c.num_generations,
+                                c.max_completion_length, c.temperature, c.top_p)
+        t1 = time.perf_counter()
+        inputs = reward_inputs(rows, rollout.completion_texts, c.num_generations, rollout.completion_id_lists())
+        scores = score_completions(self.reward_funcs, **inputs, weights=self.reward_weights,
+                                   timeout_s=c.reward_timeout_s, num_generations=c.num_generations,
+                                   trainer_state=default_trainer_state(self.step_count, c.max_steps))
+        times["generate"] += t1 - t0
+        times["score"] += time.perf_counter() - t1
+        return rollout, scores
+
+    def _keep_informative_groups(self, rows, rollout, scores, times):
+        """DAPO's dynamic sampling: groups whose G rewards are all equal carry no policy gradient, so sample
+        prompts_per_step more prompts at a time (at most max_resample_rounds times) until prompts_per_step
+        groups with reward variance are found, and train on those. If none is found the first batch is
+        kept (its KL term still applies). Returns (rows, rollout, scores, metrics of the search)."""
+        c, G = self.config, self.config.num_generations
+        batches = [(rows, rollout, scores)]
+
+        def informative(batch) -> list[int]:
+            return (~group_advantages(batch[2].total.reshape(-1, G))[1]).nonzero().flatten().tolist()
+
+        found = len(informative(batches[0]))
+        while found < c.prompts_per_step and len(batches) <= c.max_resample_rounds:
+            more = self.next_rows()
+            batches.append((more, *self._sample_and_score(more, times)))
+            found += len(informative(batches[-1]))
+        chosen, room = [], c.prompts_per_step
+        for batch in batches:
+            groups = informative(batch)[:room]
+            chosen.append((batch, groups))
+            room -= len(groups)
+        if room == c.prompts_per_step:  # nothing informative anywhere: the first batch
+            chosen = [(batches[0], list(range(len(rows))))]
+        chosen = [(batch, groups) for batch, groups in chosen if groups]
+        generated = sum(len(b[0]) for b in batches)
+        stats = {"sampling/rounds": len(batches) - 1, "sampling/groups_generated": generated,
+                 "sampling/zero_std_frac": 1 - found / generated,
+                 "sampling/informative_groups": min(found, c.prompts_per_step),
+                 "tokens/generated": int(sum(b[1].lengths.sum() for b in batches))}
+        kept_rows = [batch[0][g] for batch, groups in chosen for g in groups]
+        kept_rollout = cat_groups([(batch[1], groups) for batch, groups in chosen], self.tokenizer.pad_token_id)
+        rows_of = [[g * G + j for g in groups for j in range(G)] for _, groups in chosen]
+        kept_scores = RewardScores.cat([(batch[2], r) for (batch, _), r in zip(chosen, rows_of)])
+        return kept_rows, kept_rollout, kept_scores, stats
+
     @property
     def _share_prompt(self) -> bool:
         # the KV-cache trick needs use_cache, which gradient checkpointing switches off
         return self.config.share_prompt_forward and not self.config.gradient_checkpointing
 
-    def _logps(self, rollout, idx: torch.Tensor, model=None) -> torch.Tensor:
+    def _logps(self, rollout, idx: torch.Tensor, model=None, with_entropy: bool = False):
+        """[n, T] log-probs of the completions idx; with_entropy: and the policy's entropies (same pass)."""
         c = self.config
         return rollout_logps(model or self.model, rollout, idx, c.temperature, c.logprob_chunk_size,
-                             self._share_prompt)
+                             self._share_prompt, with_entropy)
 
     def _microbatches(self, N: int) -> list[torch.Tensor]:
         return list(torch.arange(N).chunk(self.config.gradient_accumulation_steps))
@@ -186,8 +239,10 @@ class GRPOTrainer:
         (peak activations / groups per micro-batch, each group trimmed to its own longest completion)
         at no cost in speed. The loss is a sum of per-sequence terms over the micro-batch's
         normalisers (microbatch_normalizers), so the loss and the gradients are unchanged.
+        With top_entropy_quantile < 1 the micro-batch stays whole: its entropy quantile is taken over all of
+        its tokens (as TRL's over its micro-batch), so they must all be scored before any backward.
         """
-        if not self._share_prompt:
+        if not self._share_prompt or self.config.top_entropy_quantile < 1.0:
             return [idx]
         groups = rollout.group_index.to(idx.device)[idx]
         return [idx[groups == g] for g in groups.unique(sorted=True).tolist()]
@@ -208,6 +263,8 @@ class GRPOTrainer:
         parameters and optimiser are restored, so a step is applied whole or not at all."""
         c = self.config
         mask = rollout.completion_mask
+        # the loss counts these tokens; the per-token records and the entropy metric keep every sampled one
+        loss_mask = mask_truncated_completions(mask, rollout.truncated) if c.mask_truncated_completions else mask
         ref_logps = self._frozen_logps(rollout, reference=True) if c.beta != 0 else None
         old_logps = self._frozen_logps(rollout, reference=False) if c.num_iterations > 1 else None
         snapshot = self._snapshot() if c.num_iterations > 1 else None
@@ -215,32 +272,39 @@ class GRPOTrainer:
         totals: dict[str, float] = {}
         token_logps = torch.zeros_like(mask, dtype=torch.float32)
         token_ratio = torch.ones_like(mask, dtype=torch.float32)
+        token_entropy = torch.zeros_like(mask, dtype=torch.float32)  # the sampling policy's, from the first forward
         # training mode: dropout, and gradient checkpointing (HF models checkpoint only in training mode)
         with model_mode(self.model, training=True):
             try:
                 for it in range(c.num_iterations):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_total = 0.0
+                    with_entropy = it == 0 or c.top_entropy_quantile < 1.0  # for the metric, for the quantile
                     for micro_idx in micro:
-                        normalizers = microbatch_normalizers(c.loss_type, mask[micro_idx], mask, len(micro))
+                        normalizers = microbatch_normalizers(c.loss_type, loss_mask[micro_idx], loss_mask, len(micro))
                         for idx in self._backward_parts(rollout, micro_idx):
-                            logps = self._logps(rollout, idx)  # [n, T] with grad
+                            out = self._logps(rollout, idx, with_entropy=with_entropy)  # [n, T], logps with grad
+                            logps, entropies = out if with_entropy else (out, None)
                             loss, stats = grpo_loss(
                                 logps, None if old_logps is None else old_logps[idx],
-                                None if ref_logps is None else ref_logps[idx], advantages[idx], mask[idx],
+                                None if ref_logps is None else ref_logps[idx], advantages[idx], loss_mask[idx],
                                 loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                                max_completion_length=c.max_completion_length, **normalizers)
+                                max_completion_length=c.max_completion_length,
+                                importance_sampling_level=c.importance_sampling_level, entropies=entropies,
+                                top_entropy_quantile=c.top_entropy_quantile, **normalizers)
                             self.scaler.scale(loss).backward()
                             loss_total += loss.item()
-                            share = stats.pop("tokens") / max(mask.sum().item(), 1)  # token-weighted stat means
+                            share = stats.pop("tokens") / max(loss_mask.sum().item(), 1)  # token-weighted stat means
                             for k, v in stats.items():
                                 totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
                             if it == 0:
                                 token_logps[idx] = logps.detach().float()
+                                token_entropy[idx] = entropies.float()
                             if it == c.num_iterations - 1 and old_logps is not None:
                                 token_ratio[idx] = probability_ratio(logps.detach(), old_logps[idx]).float()
                     grad_norm = self._optimizer_step()
-                totals.update({"loss": loss_total, "grad_norm": grad_norm})
+                totals.update({"loss": loss_total, "grad_norm": grad_norm,
+                               "entropy/mean": masked_mean(token_entropy, mask).item()})
             except BaseException:
                 self.optimizer.zero_grad(set_to_none=True)
                 if snapshot is not None:
@@ -248,7 +312,7 @@ class GRPOTrainer:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise
-        token_stats = {"logp": token_logps, "ratio": token_ratio}
+        token_stats = {"logp": token_logps, "ratio": token_ratio, "entropy": token_entropy}
         if ref_logps is not None:
             token_stats["kl"] = k3_kl(token_logps, ref_logps.float())
         return totals, self._per_token_lists(token_stats, mask)
@@ -296,24 +360,47 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
 
     def train(self, on_step=None) -> list[StepRecord]:
-        """Steps until config.max_steps. Each record is appended to run_dir/log.jsonl (flushed) and
-        passed to on_step(record) (e.g. TrainingDashboard.update); checkpoints every save_steps."""
+        """Steps until config.max_steps, or until the saturation stop (stop_reason says why). Each record is
+        appended to run_dir/log.jsonl (flushed), sent to config.report_to's trackers and passed to
+        on_step(record) (e.g. TrainingDashboard.update); checkpoints every save_steps and at the end."""
         c = self.config
         if self.run_dir is not None and not self._run_dir_checked:
             self._check_run_config()
+        tracker = Tracker(c.report_to, self.run_dir, c.to_dict()) if c.report_to else None
         records = []
-        while self.step_count < c.max_steps:
-            record = self.step()
-            records.append(record)
-            if self.run_dir is not None:
-                runlog.append_record(self.run_dir, record)
-                if (c.save_steps and self.step_count % c.save_steps == 0) or self.step_count == c.max_steps:
-                    self.save_checkpoint()
-            if on_step is not None:
-                on_step(record)
+        try:
+            while self.step_count < c.max_steps and self.stop_reason is None:
+                record = self.step()
+                records.append(record)
+                self.stop_reason = self._saturation_stop(record)
+                last = self.step_count == c.max_steps or self.stop_reason is not None
+                if self.run_dir is not None:
+                    runlog.append_record(self.run_dir, record)
+                    if (c.save_steps and self.step_count % c.save_steps == 0) or last:
+                        self.save_checkpoint()
+                if tracker is not None:
+                    tracker.log(record.step, record.metrics)
+                if on_step is not None:
+                    on_step(record)
+        finally:
+            if tracker is not None:
+                tracker.close()
         if self.run_dir is not None and is_peft(self.model):
             self.model.save_pretrained(self.run_dir / "adapter")
         return records
+
+    def _saturation_stop(self, record: StepRecord) -> str | None:
+        """Why the run stops early, or None: the share of zero-variance groups (of every group generated, with
+        dynamic sampling) at or above saturation_threshold for saturation_patience steps in a row."""
+        c = self.config
+        if c.saturation_threshold is None:
+            return None
+        share = record.metrics.get("sampling/zero_std_frac", record.metrics["adv/zero_std_frac"])
+        self.saturated_steps = self.saturated_steps + 1 if share >= c.saturation_threshold else 0
+        if self.saturated_steps < c.saturation_patience:
+            return None
+        return (f"saturated: {self.saturated_steps} steps in a row with at least {c.saturation_threshold:.0%} of the "
+                f"groups zero-variance (saturation_threshold); stopped after step {self.step_count} of {c.max_steps}")
 
     def _check_run_config(self, force: bool = False, resuming: bool = False) -> None:
         """Refuse a run directory that belongs to another config, or (without resume) already has steps."""
@@ -334,6 +421,7 @@ class GRPOTrainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
+                "saturated_steps": self.saturated_steps,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),
                 "trainable": None if is_peft(self.model) else
@@ -396,13 +484,16 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.data_position = state["step"], state["data_position"]
+        self.saturated_steps = state.get("saturated_steps", 0)
         set_rng_state(state["rng"])
 
 
 def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_std: torch.Tensor, rollout,
-                 train_stats: dict, times: dict[str, float], lr: float) -> dict[str, float]:
+                 train_stats: dict, times: dict[str, float], lr: float, sampling_stats: dict | None = None
+                 ) -> dict[str, float]:
     """The flat metrics of one step: rewards (total over the scorable completions and per function),
-    advantages, the update's loss/KL/clip statistics, lengths, learning rate, timings.
+    advantages, the update's loss/KL/clip statistics, lengths, learning rate, timings, and dynamic
+    sampling's search (whose token count, all rounds included, replaces the trained batch's).
     rewards, advantages: [groups, G]; zero_std: [groups]."""
     metrics = {**advantage_stats(rewards, advantages, zero_std), **train_stats, **scores.logged_metrics}
     for f, name in enumerate(scores.names):
@@ -416,8 +507,9 @@ def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_s
         "lr": lr,
         **{f"time/{phase}_s": seconds for phase, seconds in times.items()},
         "time/step_s": sum(times.values()), "tokens/generated": generated,
-        "tokens/generate_per_s": generated / max(times["generate"], 1e-9),
     })
+    metrics.update(sampling_stats or {})
+    metrics["tokens/generate_per_s"] = metrics["tokens/generated"] / max(times["generate"], 1e-9)
     return metrics
 
 

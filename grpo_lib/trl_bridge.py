@@ -28,7 +28,8 @@ from .config import ConfigError, GRPOConfig
 SAME = (
     "num_generations", "max_completion_length", "temperature", "top_p", "learning_rate", "weight_decay",
     "max_grad_norm", "gradient_accumulation_steps", "num_iterations", "beta", "epsilon", "epsilon_high",
-    "loss_type", "scale_rewards", "seed", "save_total_limit",
+    "loss_type", "scale_rewards", "seed", "save_total_limit", "importance_sampling_level", "mask_truncated_completions",
+    "top_entropy_quantile",
 )
 """Knobs with the same name, meaning and units in trl.GRPOConfig."""
 
@@ -82,10 +83,7 @@ NO_COUNTERPART: dict[str, tuple[bool, str]] = {
 PINNED: dict[str, object] = {
     "use_bias_correction_kl": False,  # grpo_lib's KL term is plain k3 (loss.k3_kl), not weighted by the ratio
     "multi_objective_aggregation": "sum_then_normalize",  # weighted sum, then z-score (rewards.combine_rewards)
-    "importance_sampling_level": "token",  # one ratio per token (loss.probability_ratio)
-    "mask_truncated_completions": False,  # truncated completions stay in the loss
     "delta": None,  # no two-sided clip
-    "top_entropy_quantile": 1.0,  # every token in the loss
     "entropy_coef": 0.0,
     "top_k": 0,
     "min_p": None,

@@ -21,11 +21,13 @@ import math
 import re
 import statistics
 import sys
+import warnings
 
 import ipywidgets as W
 import torch
 
 from .advantages import SCALES, group_advantages
+from .doctor import LABELS, diagnose, findings_html
 from .plots import as_records, finite_or, plot_group_advantages, plot_training_curves
 from .rewards import (
     RewardFunctionError, default_trainer_state, regex_reward, resolve_reward_funcs, reward_inputs, reward_name,
@@ -418,11 +420,18 @@ class TrainingDashboard(_Displayable):
     duration of a final evaluation if the caller gives it; the terminal also prints it once on its own.
     record.step counts completed steps, so a resumed run's progress starts where it resumed. When the
     dashboard displayed itself (created and trained in one cell), the last step refreshes that display, so
-    a saved notebook's static fallback shows the finished run."""
+    a saved notebook's static fallback shows the finished run.
+
+    Every `doctor_every` steps (and at the last) the run doctor (grpo_lib.doctor.diagnose, with `config` for
+    num_iterations, beta, ...) re-reads the steps seen so far: its findings are shown under the curves (and in
+    to_html()); a terminal prints one line for each new warning or problem."""
 
     def __init__(self, total_steps: int, plot_every: int = 1, notebook: bool | None = None,
-                 eval_seconds: float | None = None):
+                 eval_seconds: float | None = None, config=None, doctor_every: int = 5):
         self.total_steps, self.plot_every, self.eval_seconds = total_steps, plot_every, eval_seconds
+        self.config, self.doctor_every = config, doctor_every
+        self.findings: list = []  # the run doctor's latest findings (grpo_lib.doctor.Finding)
+        self._reported: set = set()  # (check, title) of the findings a terminal has printed
         self.notebook = in_notebook() if notebook is None else notebook
         self.records: list[StepRecord] = []
         self.eta = ""  # the latest estimate of the time left
@@ -431,7 +440,8 @@ class TrainingDashboard(_Displayable):
             self.progress = W.IntProgress(value=0, min=0, max=total_steps, description="step")
             self.line = W.HTML()
             self.image = W.Image(format="png")
-            self.widget = W.VBox([W.HBox([self.progress, self.line]), self.image])
+            self.doctor = W.HTML()
+            self.widget = W.VBox([W.HBox([self.progress, self.line]), self.image, self.doctor])
         else:
             from tqdm import tqdm
 
@@ -449,11 +459,14 @@ class TrainingDashboard(_Displayable):
         return super()._repr_mimebundle_(**kwargs)
 
     def to_html(self) -> str:
-        """Static HTML: the latest step line (with the ETA) and the training curves as an inline PNG."""
+        """Static HTML: the latest step line (with the ETA), the training curves as an inline PNG and the run
+        doctor's findings on the steps so far."""
         if not self.records:
             return f"<p>training: 0/{self.total_steps} steps done</p>"
         png = figure_png(plot_training_curves(self.records), dpi=70)
-        return f'<div class="grpo-dashboard"><code>{html.escape(repr(self))}</code><br>{png_html(png)}</div>'
+        doctor = findings_html(self._diagnose()) if self.doctor_every else ""
+        return (f'<div class="grpo-dashboard"><code>{html.escape(repr(self))}</code><br>{png_html(png)}'
+                f"{doctor}</div>")
 
     def step_times(self) -> list[float]:
         """The measured durations (s) of the steps seen so far."""
@@ -464,13 +477,19 @@ class TrainingDashboard(_Displayable):
         self.records.append(record)
         self.eta = eta_text(self.step_times(), self.total_steps - record.step, self.eval_seconds)
         line = format_step_line(record, self.total_steps, self.eta)
+        doctor_due = self.doctor_every and (len(self.records) % self.doctor_every == 0
+                                            or record.step >= self.total_steps)
         if not self.notebook:
             self.bar.update(min(record.step, self.total_steps) - self.bar.n)
             if self.eta and not self._eta_printed:
                 self.bar.write(f"{self.eta} for the {self.total_steps - record.step} remaining steps")
                 self._eta_printed = True
             self.bar.write(line)
+            if doctor_due:
+                self.run_doctor()  # after the step line: its new alarms, one line each
             return
+        if doctor_due:
+            self.run_doctor()  # before the redraw, so the last step's static view has the final findings
         self._show_in_notebook(record, line)
 
     def _show_in_notebook(self, record: StepRecord, line: str) -> None:
@@ -486,6 +505,27 @@ class TrainingDashboard(_Displayable):
             self.image.value = figure_png(plot_training_curves(self.records), dpi=70)
         if last and self._handle is not None:  # the static fallback a saved notebook keeps: the finished run
             self._handle.update(self)
+
+    def _diagnose(self) -> list:
+        """The doctor's findings on the steps seen so far; if it fails, a warning and the last findings (a view
+        never stops the training)."""
+        try:
+            return diagnose(self.records, self.config)
+        except Exception as e:  # noqa: BLE001 - a bug in the doctor must not end a run
+            warnings.warn(f"run doctor failed ({type(e).__name__}: {e}); training goes on", stacklevel=3)
+            return self.findings
+
+    def run_doctor(self) -> list:
+        """Re-diagnose the steps seen so far; show the findings (notebook) or print new warnings (terminal)."""
+        self.findings = self._diagnose()
+        if self.notebook:
+            self.doctor.value = findings_html(self.findings)
+            return self.findings
+        for f in self.findings:
+            if f.severity != "info" and (f.check, f.title) not in self._reported:
+                self._reported.add((f.check, f.title))
+                self.bar.write(f"doctor: [{LABELS[f.severity]}] {f.title} ({f.evidence})")
+        return self.findings
 
     def close(self) -> None:
         """Close the terminal progress bar (nothing to do in a notebook)."""

@@ -90,3 +90,23 @@ def test_forked_rng_restores_python_numpy_torch(seed):
     with rng.forked_rng(seed):
         random.random(), np.random.rand(), torch.rand(1)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_evaluate_calls_reward_functions_as_trl_does(tiny_model, tokenizer):
+    """A function written for TRL (chat-message completions, completion_ids) scores the evaluation's mean reward."""
+    trl_rewards = pytest.importorskip("trl.rewards")
+    chat_rows = [{"prompt": [{"role": "user", "content": f"Which is larger, {a} or {b}?"}], "answer": str(max(a, b))}
+                 for a, b in ((12, 40), (77, 31))]
+    overlong = trl_rewards.get_soft_overlong_punishment(max_completion_len=5, soft_punish_cache=2)
+    result = evaluate(tiny_model, tokenizer, chat_rows, CONFIG, num_samples=2,
+                      reward_funcs=[trl_rewards.think_format_reward, overlong])
+    # DAPO eq. 13 by hand on each completion's token count (EOS included), plus think_format (0 for these)
+    from grpo_lib.sampling import sample_groups  # the same draws: evaluate samples from seed 0 in one batch
+
+    with rng.forked_rng(0):
+        rollout = sample_groups(tiny_model, tokenizer, [r["prompt"] for r in chat_rows], 2, 5, 1.0, 1.0)
+    assert rollout.completion_texts == result["completions"]
+    lengths = rollout.lengths.tolist()
+    expected = [0.0 if n <= 3 else (3 - n) / 2 if n <= 5 else -1.0 for n in lengths]
+    think = [1.0 if t.startswith("<think>") and "</think>" in t else 0.0 for t in result["completions"]]
+    assert result["reward/mean"] == pytest.approx(sum(e + t for e, t in zip(expected, think)) / len(expected))

@@ -1,5 +1,7 @@
-"""Per-token log-probs: the chunked, completion-only, shared-prompt paths equal the straightforward
-full-vocabulary log-softmax, in values and in LoRA gradients."""
+"""Per-token log-probs (and entropies): the chunked, completion-only, shared-prompt paths equal the
+straightforward full-vocabulary log-softmax (and Categorical entropy), in values and in LoRA gradients."""
+
+import math
 
 import pytest
 import torch
@@ -94,3 +96,63 @@ def test_subset_indices(tiny_peft_model, tokenizer, share):
     # completion 0 ends with EOS at position 2: no compute past it, zeros in the padding columns
     torch.testing.assert_close(short[0, :3], full[0, :3], rtol=1e-5, atol=1e-5)
     assert short.shape == (1, 6) and (short[0, 3:] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# entropies from the same chunked pass
+# ----------------------------------------------------------------------------------------------
+
+
+def full_entropies(model, input_ids, attention_mask, T, temperature=1.0):
+    """The straightforward way: all logits, Categorical(logits / tau).entropy() over the vocabulary."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits  # [N, L, V]
+    return torch.distributions.Categorical(logits=logits[:, -T - 1:-1].float() / temperature).entropy()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 4096])
+def test_entropies_equal_the_full_categorical_entropy(tiny_peft_model, tokenizer, grad, chunk_size):
+    r = make_rollout(tokenizer)
+    idx = torch.arange(6)
+    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    with torch.no_grad():
+        expected = full_entropies(tiny_peft_model, input_ids, attn, 6, temperature=0.7)
+        expected_logps = full_logsoftmax_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7)
+    m = r.completion_mask.bool()
+    with torch.set_grad_enabled(grad):
+        logps, ent = per_token_logps(tiny_peft_model, input_ids, attn, 6, 0.7, chunk_size, with_entropy=True)
+        assert logps.requires_grad == grad and not ent.requires_grad  # entropies are detached
+        torch.testing.assert_close(ent, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logps.detach(), expected_logps, rtol=1e-5, atol=1e-5)
+        for share in (True, False):
+            logps, ent = rollout_logps(tiny_peft_model, r, idx, 0.7, chunk_size, share_prompt=share, with_entropy=True)
+            assert not ent.requires_grad and ent.shape == logps.shape == (6, 6)
+            torch.testing.assert_close(ent[m], expected[m], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logps.detach()[m], expected_logps[m], rtol=1e-5, atol=1e-5)
+    assert (ent[m] > 0).all() and (ent[m] <= math.log(len(tokenizer)) + 1e-4).all()  # 0 < H <= log V
+
+
+def test_entropy_costs_no_second_pass_and_changes_no_gradient(tiny_peft_model, tokenizer, monkeypatch):
+    """The entropy is taken from the logits block already in memory, once per chunk in forward: the
+    checkpointed recompute in backward stops before it. The log-probs' gradients are those without it."""
+    import grpo_lib.logprobs as lp
+
+    r = make_rollout(tokenizer)
+    idx = torch.arange(6)
+    params = [p for p in tiny_peft_model.parameters() if p.requires_grad]
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.9, -1.2])
+    plain = rollout_logps(tiny_peft_model, r, idx, 1.0, 4, share_prompt=False)
+    g0 = torch.autograd.grad(grpo_loss(plain, None, None, adv, r.completion_mask, beta=0.0)[0], params)
+    calls = []
+    original = lp._chunk_entropy
+    monkeypatch.setattr(lp, "_chunk_entropy", lambda *a: calls.append(1) or original(*a))
+    logps, _ = rollout_logps(tiny_peft_model, r, idx, 1.0, 4, share_prompt=False, with_entropy=True)
+    forward_calls = len(calls)
+    g1 = torch.autograd.grad(grpo_loss(logps, None, None, adv, r.completion_mask, beta=0.0)[0], params)
+    width = int(r.completion_mask.sum(1).max())
+    assert forward_calls == math.ceil(6 * width / 4)  # one per [chunk, vocab] block
+    assert len(calls) == forward_calls  # none in backward
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)

@@ -124,6 +124,27 @@ def test_cheaper_knobs_lower_the_prediction():
     assert full.components["weights"] > r.components["weights"]
 
 
+def test_top_entropy_quantile_keeps_the_micro_batch_in_one_backward():
+    """With top_entropy_quantile < 1 the shared-prompt path calls backward once per micro-batch (the quantile
+    is over all its tokens): activations of all its groups at once. 4 prompts in one micro-batch: exactly 4x
+    one group's (tokens, keys/values and the prompt's keys all scale with the groups)."""
+    base = GRPOConfig.preset("colab-t4", gradient_checkpointing=False)
+    spec = "Qwen2.5-1.5B-Instruct"
+    per_group = memory.estimate(base, spec)
+    whole = memory.estimate(base.replace(top_entropy_quantile=0.2), spec)
+    assert base.prompts_per_step == 4 and whole.settings["groups_per_micro_batch"] == 4
+    assert whole.components["activations"] == pytest.approx(4 * per_group.components["activations"], rel=1e-9)
+    assert whole.components["layer_backward"] > per_group.components["layer_backward"]
+    assert whole.components["reference_pass"] == per_group.components["reference_pass"]  # no grad: group by group
+    assert not whole.settings["backward_per_group"] and per_group.settings["backward_per_group"]
+    assert "one backward per group" in memory.format_report(per_group)
+    assert "one backward per group" not in memory.format_report(whole)
+    # one group per micro-batch, or the plain path (gradient checkpointing): a backward per micro-batch anyway
+    for same in (dict(gradient_accumulation_steps=4), dict(gradient_checkpointing=True)):
+        assert (memory.estimate(base.replace(top_entropy_quantile=0.2, **same), spec).phases
+                == memory.estimate(base.replace(**same), spec).phases), same
+
+
 # ----------------------------------------------------------------------------------------------
 # the Colab T4 preset, the report and the advice
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
 from grpo_lib.plots import (  # noqa: E402
-    AFTER_COLOR, BEFORE_COLOR, CURVE_PANELS, NEGATIVE_COLOR, POSITIVE_COLOR, ZERO_COLOR, ema, plot_eval_comparison,
-    plot_group_advantages, plot_training_curves,
+    AFTER_COLOR, BEFORE_COLOR, CURVE_PANELS, NEGATIVE_COLOR, POSITIVE_COLOR, RUN_PANELS, ZERO_COLOR, ema,
+    plot_eval_comparison, plot_group_advantages, plot_runs, plot_training_curves,
 )
 from grpo_lib.runlog import StepRecord, append_record  # noqa: E402
 
@@ -183,6 +183,76 @@ def test_training_curves_leave_out_constant_panels():
     assert [t.get_text() for t in flat.axes[0].texts] == ["every metric is constant (see below)"]
     assert [t.replace("\n", " ") for t in note(flat)] == [
         "constant over the run, not plotted: clip fractions: clip/low = 0, clip/high = 0.1; learning rate = 1e-05"]
+
+
+RUN_A = [  # two reward functions, no KL logged (beta = 0)
+    {"reward/mean": 1.0, "reward/format/mean": 0.5, "reward/answer/mean": 0.5, "adv/zero_std_frac": 0.25,
+     "completion/mean_length": 10.0, "entropy/mean": 1.0, "lr": 1e-5},
+    {"reward/mean": 2.0, "reward/format/mean": 1.0, "reward/answer/mean": 1.0, "adv/zero_std_frac": 0.5,
+     "completion/mean_length": 12.0, "entropy/mean": 0.5, "lr": 1e-5},
+]
+RUN_B = [  # another reward function, KL logged, one step missing its entropy
+    {"reward/mean": 0.0, "reward/buggy/mean": 0.0, "adv/zero_std_frac": 1.0, "kl/mean": 0.0,
+     "completion/mean_length": 16.0, "entropy/mean": 2.0},
+    {"reward/mean": 0.0, "reward/buggy/mean": 0.0, "adv/zero_std_frac": 1.0, "kl/mean": 0.01,
+     "completion/mean_length": 16.0},
+    {"reward/mean": 0.0, "reward/buggy/mean": 0.0, "adv/zero_std_frac": 1.0, "kl/mean": 0.03,
+     "completion/mean_length": 15.0, "entropy/mean": 1.0},
+]
+
+
+def run_records(metrics):
+    return [step_record(step=s, metrics=m) for s, m in enumerate(metrics, start=1)]
+
+
+def test_plot_runs_overlays_runs_with_one_colour_each(tmp_path):
+    a = run_records(RUN_A)
+    for r in run_records(RUN_B):
+        append_record(tmp_path, r)
+    before = [r.to_dict() for r in a]
+    fig = plot_runs({"grpo": a, "dapo": tmp_path}, smoothing=0.5)  # records and a run directory
+    assert [r.to_dict() for r in a] == before  # never mutates
+    axes = panels(fig)
+    assert list(axes) == [title for title, _, _ in RUN_PANELS] == [
+        "reward (mean total)", "reward per function (mean)", "zero-variance groups", "KL to reference",
+        "completion length", "token entropy"]  # lr and the other CURVE_PANELS are not overlaid
+    assert all(ax.get_ylabel() for ax in fig.axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["grpo", "dapo"]  # one entry per run
+    total = axes["reward (mean total)"]
+    assert line(total, "grpo:reward/mean:raw") == ([1, 2], [1.0, 2.0])
+    assert line(total, "grpo:reward/mean:ema") == ([1, 2], [1.0, 1.5])
+    assert line(total, "dapo:reward/mean:raw") == ([1, 2, 3], [0.0, 0.0, 0.0])
+    colour = {gid.split(":")[0]: to_rgba(ln.get_color()) for ln in total.get_lines() if (gid := ln.get_gid())}
+    assert colour == {"grpo": to_rgba("C0"), "dapo": to_rgba("C1")}
+    assert {ln.get_label() for ln in total.get_lines() if ln.get_gid().endswith(":ema")} == {"grpo", "dapo"}
+    # per function: colour = run, line style = function, the panel's legend names the functions
+    per_func = axes["reward per function (mean)"]
+    emas = {ln.get_gid(): ln for ln in per_func.get_lines() if ln.get_gid().endswith(":ema")}
+    assert set(emas) == {"grpo:reward/answer/mean:ema", "grpo:reward/format/mean:ema", "dapo:reward/buggy/mean:ema"}
+    assert list(emas["grpo:reward/format/mean:ema"].get_ydata()) == [0.5, 0.75]
+    assert len({ln.get_linestyle() for ln in emas.values()}) == 3
+    assert emas["grpo:reward/format/mean:ema"].get_color() == emas["grpo:reward/answer/mean:ema"].get_color()
+    assert [t.get_text() for t in per_func.get_legend().get_texts()] == ["answer", "buggy", "format"]
+    assert total.get_legend() is None  # one series per run: the figure's legend says which
+    # a run that did not log a metric is absent from its panel; a missing step is left out, not 0
+    kl = axes["KL to reference"]
+    assert {ln.get_gid() for ln in kl.get_lines()} == {"dapo:kl/mean:raw", "dapo:kl/mean:ema"}
+    assert line(kl, "dapo:kl/mean:raw")[1] == pytest.approx([0.0, 0.01, 0.03])
+    assert line(axes["token entropy"], "dapo:entropy/mean:raw") == ([1, 3], [2.0, 1.0])
+    assert line(axes["zero-variance groups"], "grpo:adv/zero_std_frac:raw") == ([1, 2], [0.25, 0.5])
+    assert line(axes["completion length"], "dapo:completion/mean_length:ema")[1] == pytest.approx([16.0, 16.0, 15.5])
+
+
+def test_plot_runs_constant_runs_are_drawn_and_errors():
+    # unlike plot_training_curves, a constant series is drawn: next to another run it is information
+    flat = run_records([{"reward/mean": 1.0, "lr": 1e-5}] * 3)
+    fig = plot_runs({"flat": flat}, smoothing=0.0)
+    assert [ax.get_title() for ax in fig.axes] == ["reward (mean total)"]
+    assert line(fig.axes[0], "flat:reward/mean:ema") == ([1, 2, 3], [1.0, 1.0, 1.0])
+    empty = plot_runs({"nothing yet": []})
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no metrics recorded yet"]
+    with pytest.raises(ValueError, match="at least one run"):
+        plot_runs({})
 
 
 def test_eval_comparison_bars():

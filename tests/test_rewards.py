@@ -10,7 +10,7 @@ import torch
 from grpo_lib.answers import parse_number
 from grpo_lib.rewards import (RewardFunctionError, RewardWarning, answer_reward, combine_rewards, consistency_reward,
                               format_reward, length_reward, regex_reward, reward_inputs, score_completions,
-                              xml_count_reward)
+                              soft_overlong_punishment, xml_count_reward)
 
 
 @pytest.mark.parametrize("text,value", [("1,234", 1234.0), ("$5", 5.0), ("7.0", 7.0), ("-3.", -3.0), (" 42 ", 42.0),
@@ -222,3 +222,34 @@ def test_consistency_reward():
              "50 is larger than 40."]  # no tag: does not apply
     assert consistency_reward(texts) == [0.0, 1.0, 0.0, None, None]
     assert answer_reward(texts[:1], answer=["50"]) == [1.0]  # what the answer reward alone pays
+
+
+# --- DAPO's soft overlong punishment -------------------------------------------------------------
+
+
+def test_soft_overlong_punishment_by_hand():
+    f = soft_overlong_punishment(max_completion_len=20, soft_punish_cache=5)
+    ids = [[1] * n for n in (0, 15, 16, 18, 20, 21, 30)]
+    # free up to 20 - 5 = 15 tokens, then (15 - |y|) / 5 down to -1 at 20, -1 beyond
+    assert f(completion_ids=ids) == pytest.approx([0.0, 0.0, -0.2, -0.6, -1.0, -1.0, -1.0])
+
+
+@pytest.mark.parametrize("max_len,cache", [(20, 5), (20, 0), (20, 20), (7, 3)])
+def test_soft_overlong_punishment_equals_trl(max_len, cache):
+    trl_rewards = pytest.importorskip("trl.rewards")
+    ids = [[7] * n for n in range(0, max_len + 4)]
+    ours = soft_overlong_punishment(max_len, cache)
+    theirs = trl_rewards.get_soft_overlong_punishment(max_len, cache)
+    assert ours.__name__ == theirs.__name__  # the same column in both trainers' logs
+    # called as both trainers call a reward function: keyword arguments only
+    s = score_completions([ours, theirs], ["p"] * len(ids), ["x"] * len(ids), {"answer": ["1"] * len(ids)},
+                          completion_ids=ids)
+    assert s.per_func[:, 0].tolist() == s.per_func[:, 1].tolist()
+    assert s.per_func[:, 0].tolist() == pytest.approx(theirs(completion_ids=ids))
+
+
+def test_soft_overlong_punishment_errors():
+    with pytest.raises(ValueError, match="soft_punish_cache=30 must be in"):
+        soft_overlong_punishment(20, 30)
+    with pytest.raises(RewardFunctionError, match="reads completion_ids"):
+        score_completions([soft_overlong_punishment(20, 5)], ["p"], ["x"])

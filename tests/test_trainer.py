@@ -96,12 +96,13 @@ def test_microbatches_give_the_same_update(tokenizer):
     torch.testing.assert_close(params[2], params[0], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_type,ga", [("grpo", 1), ("bnpo", 1), ("dr_grpo", 1), ("dapo", 1), ("bnpo", 2)])
+@pytest.mark.parametrize("loss_type,ga", [("grpo", 1), ("bnpo", 1), ("dr_grpo", 1), ("dapo", 1), ("bnpo", 2),
+                                          ("cispo", 2)])
 def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokenizer, loss_type, ga):
     """The shared-prompt path calls backward once per group; the plain path once per micro-batch.
     Same rollout, same initial weights: the summed loss and the accumulated gradients must agree."""
     cfg = dict(prompts_per_step=4, gradient_accumulation_steps=ga, loss_type=loss_type,
-               max_grad_norm=0.0, seed=5)
+               max_grad_norm=0.0, seed=5, epsilon_high=5.0 if loss_type == "cispo" else None)
     first = make_trainer(tokenizer, **cfg)
     rows = first.next_rows()
     rollout = sample_groups(first.model, tokenizer, [r["prompt"] for r in rows], 4, 6, 1.0, 1.0)
@@ -117,7 +118,9 @@ def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokeniz
         totals, _ = trainer._update(rollout, advantages)  # the step leaves the gradients in .grad
         grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
         results[share] = (totals["loss"], grads)
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5, abs=1e-7)
+    # CISPO's loss holds the log-probs themselves (~ -10 each, under advantages of both signs): a looser abs
+    tolerance = 1e-6 if loss_type == "cispo" else 1e-7
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5, abs=tolerance)
     assert results[True][1].abs().max() > 0
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
 
@@ -344,3 +347,199 @@ def test_reward_functions_written_for_trl_run_in_the_trainer(tokenizer):
         assert record.rewards[i][1] == pytest.approx(expected)
         assert record.rewards[i][2] == float(len(record.completions[i]))
     assert all(p in [r["prompt"] for r in CHAT_PROMPTS] for p in record.columns["prompt"])  # the raw chat prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# the objective's variants and the entropy metric
+# ----------------------------------------------------------------------------------------------
+
+
+def test_entropy_mean_is_the_sampling_policys_token_entropy(tokenizer):
+    """entropy/mean = the token-weighted mean over the sampled completions' real tokens of the entropy of
+    softmax(logits / tau) under the policy that sampled them, computed here with the full logits."""
+    import copy
+
+    import grpo_lib.trainer as tr
+
+    trainer = make_trainer(tokenizer, temperature=0.8, num_iterations=2)
+    sampler = copy.deepcopy(trainer.model)  # the parameters before the step's updates
+    captured = {}
+    original = tr.sample_groups
+
+    def spy(*a, **k):
+        captured["rollout"] = original(*a, **k)
+        return captured["rollout"]
+
+    tr.sample_groups = spy
+    try:
+        rec = trainer.step()
+    finally:
+        tr.sample_groups = original
+    r = captured["rollout"]
+    T = r.completion_ids.size(1)
+    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = sampler(input_ids=input_ids, attention_mask=attn, position_ids=positions).logits
+        entropy = torch.distributions.Categorical(logits=logits[:, -T - 1:-1] / 0.8).entropy()  # [N, T]
+    m = r.completion_mask.bool()
+    assert rec.metrics["entropy/mean"] == pytest.approx(entropy[m].mean().item(), rel=1e-5)
+    recorded = torch.tensor([v for row in rec.token_stats["entropy"] for v in row])
+    torch.testing.assert_close(recorded, entropy[m], rtol=0, atol=6e-5)  # stored rounded to 4 decimals
+
+
+VARIANTS = {
+    "gspo": dict(importance_sampling_level="sequence", num_iterations=2, epsilon=3e-4, epsilon_high=4e-4),
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0, num_iterations=2, beta=0.0),
+    "truncated-masked": dict(mask_truncated_completions=True, loss_type="dapo"),
+    "top-entropy": dict(top_entropy_quantile=0.2, gradient_accumulation_steps=2),
+    "top-entropy-plain": dict(top_entropy_quantile=0.2, share_prompt_forward=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_step_of_each_variant(tokenizer, variant):
+    trainer = make_trainer(tokenizer, **VARIANTS[variant])
+    rec = trainer.step()
+    for key in ("loss", "grad_norm", "entropy/mean", "ratio/mean"):
+        assert math.isfinite(rec.metrics[key]), key
+    assert rec.metrics["entropy/mean"] > 0
+    assert ("clip/cispo" in rec.metrics) == (variant == "cispo")
+    json.dumps(rec.to_dict())
+
+
+def hand_made_rollout(tokenizer, trainer):
+    """Two groups of 4 completions of 6 tokens; EOS in rows 0, 2, 5, 6: rows 1, 3, 4, 7 are truncated."""
+    from grpo_lib.sampling import Rollout, completion_mask_from_eos, tokenize_prompts
+
+    rows = trainer.next_rows()
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], "cpu")
+    ids = torch.randint(100, 1000, (8, 6), generator=torch.Generator().manual_seed(0))
+    for i, t in ((0, 2), (2, 5), (5, 0), (6, 3)):
+        ids[i, t] = tokenizer.eos_token_id
+    mask, truncated = completion_mask_from_eos(ids, [tokenizer.eos_token_id])
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Rollout([r["prompt"] for r in rows], prompt_ids, prompt_mask, ids, mask, [""] * 8, truncated, 4)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_mask_truncated_completions_removes_their_gradient_exactly(tokenizer, share):
+    """loss_type grpo, beta 0, mu 1: a completion adds -A_i/(N |o_i|) grad logp_it, so leaving the truncated
+    ones out of the loss must give exactly the update of a step in which their advantages are 0."""
+    results = []
+    for masked in (True, False):
+        trainer = make_trainer(tokenizer, beta=0.0, mask_truncated_completions=masked, share_prompt_forward=share,
+                               max_grad_norm=0.0)
+        rollout = hand_made_rollout(tokenizer, trainer)
+        assert rollout.truncated.tolist() == [False, True, False, True, True, False, False, True]
+        advantages = torch.tensor([1.0, -0.5, 0.7, 1.2, -1.5, 0.3, -0.9, 0.8])
+        if not masked:
+            advantages = advantages.masked_fill(rollout.truncated, 0.0)
+        trainer._update(rollout, advantages)
+        results.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad]))
+    assert results[0].abs().max() > 0
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-8)
+
+
+def test_top_entropy_quantile_keeps_micro_batches_whole(tokenizer):
+    """The quantile is over a micro-batch's tokens, so the shared-prompt path scores the whole micro-batch
+    before its backward (one part per micro-batch, not per group)."""
+    from types import SimpleNamespace
+
+    rollout = SimpleNamespace(group_index=torch.arange(4).repeat_interleave(4))  # 4 groups of G = 4
+    parts = {}
+    for rho in (1.0, 0.5):
+        trainer = make_trainer(tokenizer, top_entropy_quantile=rho, prompts_per_step=4, gradient_accumulation_steps=2)
+        parts[rho] = [p.tolist() for idx in trainer._microbatches(16) for p in trainer._backward_parts(rollout, idx)]
+    assert parts[1.0] == [list(range(g * 4, g * 4 + 4)) for g in range(4)]
+    assert parts[0.5] == [list(range(8)), list(range(8, 16))]
+
+
+# ----------------------------------------------------------------------------------------------
+# dynamic sampling, the saturation stop, tracking
+# ----------------------------------------------------------------------------------------------
+
+def vowels_unless_yes_or_no(completions, answer, **kwargs):
+    """Prompts whose answer is "yes" or "no" get 0 for every completion (zero variance); the others the vowel share."""
+    return [0.0 if a in ("yes", "no") else sum(ch in "aeiou" for ch in c) / max(len(c), 1)
+            for c, a in zip(completions, answer)]
+
+
+def test_cat_groups_keeps_each_groups_log_probs(tokenizer):
+    """Groups taken from two rollouts with different prompt and completion widths, re-padded into one, give
+    the same per-token log-probs as in their own rollout (padding never touches real tokens)."""
+    from grpo_lib.sampling import cat_groups
+
+    trainer = make_trainer(tokenizer, prompts_per_step=2)
+    torch.manual_seed(0)
+    a = sample_groups(trainer.model, tokenizer, [PROMPTS[0]["prompt"], PROMPTS[2]["prompt"]], 4, 6)
+    b = sample_groups(trainer.model, tokenizer, [PROMPTS[4]["prompt"]], 4, 3)
+    both = cat_groups([(a, [1]), (b, [0])], tokenizer.pad_token_id)
+    assert both.prompts == [a.prompts[1], b.prompts[0]] and both.completion_ids.shape == (8, 6)
+    assert both.completion_texts == a.completion_texts[4:8] + b.completion_texts
+    with torch.no_grad():
+        for share in (True, False):
+            whole = rollout_logps(trainer.model, both, torch.arange(8), share_prompt=share)
+            first = rollout_logps(trainer.model, a, torch.arange(4, 8), share_prompt=share)
+            second = rollout_logps(trainer.model, b, torch.arange(4), share_prompt=share)
+            torch.testing.assert_close(whole[:4], first)
+            torch.testing.assert_close(whole[4:, :3], second)
+            assert (both.completion_mask[4:, 3:] == 0).all()  # b's completions padded to the wider width
+
+
+def test_dynamic_sampling_trains_on_informative_groups_only(tokenizer):
+    trainer = make_trainer(tokenizer, prompts_per_step=2, dynamic_sampling=True, max_resample_rounds=3, seed=1)
+    trainer.reward_funcs = [vowels_unless_yes_or_no]
+    generated = 0
+    for _ in range(3):
+        record = trainer.step()
+        generated += record.metrics["sampling/groups_generated"]
+        m = record.metrics
+        assert record.num_groups == 2 and m["adv/zero_std_frac"] == 0.0, "only groups with reward variance"
+        assert not {"yes", "no"} & set(record.answers)
+        assert m["sampling/groups_generated"] == 2 * (m["sampling/rounds"] + 1)
+        flat = m["sampling/zero_std_frac"] * m["sampling/groups_generated"]
+        assert flat == pytest.approx(round(flat)) and m["sampling/informative_groups"] == 2
+        assert m["tokens/generated"] >= sum(record.lengths)
+    assert trainer.data_position == generated, "every prompt sampled was consumed from the data order"
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds(tokenizer):
+    def flat(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = make_trainer(tokenizer, prompts_per_step=2, dynamic_sampling=True, max_resample_rounds=2)
+    trainer.reward_funcs = [flat]
+    record = trainer.step()
+    m = record.metrics
+    assert m["sampling/rounds"] == 2 and m["sampling/groups_generated"] == 6 and m["sampling/zero_std_frac"] == 1.0
+    assert m["sampling/informative_groups"] == 0 and record.num_groups == 2  # the first batch, KL only
+    assert trainer.data_position == 6
+
+
+def test_saturation_stop_ends_the_run_and_saves_everything(tokenizer, tmp_path):
+    def all_right(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = make_trainer(tokenizer, run_dir=tmp_path, max_steps=10, save_steps=5, saturation_threshold=0.9,
+                           saturation_patience=2)
+    trainer.reward_funcs = [all_right]
+    records = trainer.train()
+    assert [r.step for r in records] == [1, 2] and trainer.stop_reason.startswith("saturated: 2 steps in a row")
+    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000002"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.load(runlog.checkpoint_dirs(tmp_path)[0] / runlog.STATE_NAME, weights_only=False)["saturated_steps"] == 2
+
+
+def test_report_to_tensorboard_gets_every_step(tokenizer, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tokenizer, run_dir=tmp_path, max_steps=3, report_to=("tensorboard",))
+    records = trainer.train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("reward/mean")
+    assert [e.step for e in scalars] == [1, 2, 3]
+    assert [e.value for e in scalars] == pytest.approx([r.metrics["reward/mean"] for r in records])

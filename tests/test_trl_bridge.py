@@ -13,7 +13,7 @@ import yaml
 
 from grpo_lib import trl_bridge
 from grpo_lib.data import task_rows
-from grpo_lib.config import ConfigError, GRPOConfig
+from grpo_lib.config import LOSS_TYPES, ConfigError, GRPOConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -25,7 +25,8 @@ NON_DEFAULT = {
     "epsilon": 0.1, "epsilon_high": 0.28, "loss_type": "dapo", "scale_rewards": "batch", "seed": 7,
     "save_total_limit": 5, "prompts_per_step": 3, "max_steps": 17, "warmup_steps": 5, "save_steps": 0,
     "lr_scheduler_type": "cosine", "gradient_checkpointing": False, "reward_weights": (0.5, 2.0),
-    "report_to": ("tensorboard",),
+    "report_to": ("tensorboard",), "importance_sampling_level": "sequence", "mask_truncated_completions": True,
+    "top_entropy_quantile": 0.2,
 }
 
 
@@ -63,11 +64,25 @@ def test_all_fields_changed_together_round_trip(tmp_path):
     assert back == config
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_every_loss_type_and_reward_scale_round_trips(loss_type, scale_rewards, tmp_path):
-    config = GRPOConfig(loss_type=loss_type, scale_rewards=scale_rewards)
+    cap = {"epsilon_high": 5.0} if loss_type == "cispo" else {}  # CISPO's weight cap (epsilon_max)
+    config = GRPOConfig(loss_type=loss_type, scale_rewards=scale_rewards, **cap)
     assert trl_bridge.from_trl_config(trl_bridge.to_trl_config(config, tmp_path)) == config
+
+
+@pytest.mark.parametrize("variant", [
+    dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),  # GSPO
+    dict(loss_type="cispo", epsilon_high=5.0),  # CISPO
+    dict(loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=True, beta=0.0),  # DAPO
+    dict(top_entropy_quantile=0.2),  # 80/20
+], ids=["gspo", "cispo", "dapo", "top-entropy"])
+def test_objective_variants_reach_trl_under_its_names(variant, tmp_path):
+    t = trl_bridge.to_trl_config(GRPOConfig(**variant), tmp_path)
+    for name, value in variant.items():
+        assert getattr(t, name) == value, name
+    assert trl_bridge.from_trl_config(t) == GRPOConfig(**variant)
 
 
 def test_converted_values(tmp_path):
@@ -110,10 +125,12 @@ def test_overrides_may_not_set_grpo_lib_knobs(tmp_path):
 
 
 def test_trl_only_override_is_applied_and_not_mapped_back(tmp_path):
-    t = trl_bridge.to_trl_config(GRPOConfig(), tmp_path, mask_truncated_completions=True, logging_steps=5)
-    assert t.mask_truncated_completions is True and t.logging_steps == 5
-    with pytest.raises(ConfigError, match="mask_truncated_completions"):
+    t = trl_bridge.to_trl_config(GRPOConfig(), tmp_path, entropy_coef=0.01, logging_steps=5)
+    assert t.entropy_coef == 0.01 and t.logging_steps == 5
+    with pytest.raises(ConfigError, match="entropy_coef"):
         trl_bridge.from_trl_config(t)
+    with pytest.raises(ConfigError, match="mask_truncated_completions"):  # a grpo_lib knob now: set it in the config
+        trl_bridge.to_trl_config(GRPOConfig(), tmp_path, mask_truncated_completions=True)
 
 
 def test_model_init_kwargs_and_peft_config():

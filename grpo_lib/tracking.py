@@ -1,0 +1,181 @@
+"""Experiment tracking: each step's metrics also sent to TensorBoard, Trackio or Weights & Biases (`report_to`).
+
+    tracker = Tracker(config.report_to, run_dir, config.to_dict())   # or Tracker.from_config(config, run_dir)
+    tracker.log(record.step, record.metrics)                          # after the step is in log.jsonl
+    tracker.close()
+
+`report_to` is TRL's name for the same knob: a tuple of "tensorboard", "trackio", "wandb" (or a single name;
+"none" or () sends nothing). The run log (run_dir/log.jsonl) stays the source of truth; the trackers are
+views of it. Every tracker asked for must be importable: a missing package is a TrackingError naming the pip
+command, raised when the Tracker is created, before anything is written (never a silent skip).
+
+    tensorboard  torch.utils.tensorboard.SummaryWriter under run_dir/tensorboard, flushed after every step.
+                 Resume-safe: when the directory already holds event files, the writer is opened with
+                 purge_step = the first step this session logs, so TensorBoard discards the earlier
+                 session's points at that step and after (the steps a resume redoes), and each step shows once.
+    trackio      trackio.init(project, name=<run dir name>, config, resume="allow"), trackio.log(metrics, step).
+    wandb        wandb.init(project, name, config, dir=run_dir, id=<kept in run_dir/tracking.json>,
+                 resume="allow"): a resumed run continues the same W&B run. W&B refuses steps it already has, so
+                 steps at or below the last one sent are not sent again (a resume redoes them with the same
+                 RNG state, so the values it kept are the ones the log has).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .config import TRACKERS, ConfigError
+
+TENSORBOARD_DIR = "tensorboard"
+STATE_NAME = "tracking.json"  # run_dir file with the W&B run id and the last step sent to it
+DEFAULT_PROJECT = "grpo_lib"
+INSTALL = {"tensorboard": "pip install tensorboard", "trackio": "pip install trackio", "wandb": "pip install wandb"}
+MODULES = {"tensorboard": "torch.utils.tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
+class TrackingError(ConfigError):
+    """A tracker in report_to cannot be used; the message says which and how to fix it."""
+
+
+def normalize_report_to(report_to) -> tuple[str, ...]:
+    """None, "none", "tensorboard", ("tensorboard", "wandb") -> a tuple of tracker names, checked."""
+    if report_to is None or report_to == "none":
+        return ()
+    names = (report_to,) if isinstance(report_to, str) else tuple(report_to)
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise TrackingError(f"report_to={names!r}: unknown tracker(s) {unknown}; choose from {TRACKERS}")
+    return tuple(dict.fromkeys(names))  # in order, once each
+
+
+def require(name: str):
+    """Import the module a tracker needs, or raise TrackingError with the pip command."""
+    try:
+        return importlib.import_module(MODULES[name])
+    except ImportError as e:
+        raise TrackingError(f'report_to includes "{name}" but {MODULES[name]} cannot be imported ({e}); install '
+                            f'it with `{INSTALL[name]}`, or remove "{name}" from report_to') from e
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of a step's metrics (bools and non-numbers left out; None, how the log stores NaN, too)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Tracker:
+    """Sends step metrics to every tracker in report_to. Use as a context manager or call close()."""
+
+    def __init__(self, report_to=(), run_dir: str | os.PathLike | None = None, config: dict | None = None,
+                 project: str | None = None, run_name: str | None = None):
+        self.report_to = normalize_report_to(report_to)
+        modules = {name: require(name) for name in self.report_to}  # all checked before anything starts
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is None and self.report_to:
+            raise TrackingError(f"report_to={self.report_to} needs a run_dir (the trackers write next to the run log)")
+        self.config = dict(config or {})
+        self.project = project or os.environ.get("GRPO_LIB_PROJECT", DEFAULT_PROJECT)
+        self.run_name = run_name or (self.run_dir.resolve().name if self.run_dir else None)
+        backends = {"tensorboard": _TensorBoard, "trackio": _Trackio, "wandb": _WandB}
+        self.backends = [backends[name](modules[name], self) for name in self.report_to]
+
+    @classmethod
+    def from_config(cls, config, run_dir) -> "Tracker":
+        """A Tracker for a GRPOConfig's report_to."""
+        return cls(config.report_to, run_dir, config.to_dict())
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Send one step's metrics (the StepRecord's flat "/"-separated dict) to every tracker."""
+        values = scalar_metrics(metrics)
+        for backend in self.backends:
+            backend.log(int(step), values)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Tracker({list(self.report_to)}, run_dir={str(self.run_dir) if self.run_dir else None})"
+
+
+class _TensorBoard:
+    def __init__(self, module, tracker: Tracker):
+        self.module, self.config = module, tracker.config
+        self.log_dir = tracker.run_dir / TENSORBOARD_DIR
+        self.writer = None
+
+    def _open(self, first_step: int) -> None:
+        resumed = any(self.log_dir.glob("events.out.tfevents.*"))
+        # purge_step: TensorBoard drops the earlier sessions' points at steps >= first_step (the redone steps)
+        self.writer = self.module.SummaryWriter(str(self.log_dir), purge_step=first_step if resumed else None)
+        if self.config and not resumed:
+            self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=1, sort_keys=True) + "\n```", 0)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            self._open(step)
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # the live view is current, and a killed run keeps its points
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Trackio:
+    def __init__(self, module, tracker: Tracker):
+        self.module = module
+        module.init(project=tracker.project, name=tracker.run_name, config=tracker.config, resume="allow")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.module.log(values, step=step)
+
+    def close(self) -> None:
+        self.module.finish()
+
+
+class _WandB:
+    def __init__(self, module, tracker: Tracker):
+        self.state_path = tracker.run_dir / STATE_NAME
+        state = _read_state(self.state_path)
+        run_id = state.get("wandb_id") or module.util.generate_id()
+        tracker.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = module.init(project=tracker.project, name=tracker.run_name, config=tracker.config,
+                               dir=str(tracker.run_dir), id=run_id, resume="allow")
+        self.last_step = state.get("wandb_last_step", -math.inf) if state.get("wandb_id") == run_id else -math.inf
+        self.state = {**state, "wandb_id": run_id}
+        _write_state(self.state_path, self.state)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step <= self.last_step:  # W&B refuses a step it already has (a resume's redone steps)
+            return
+        self.run.log(values, step=step)
+        self.last_step = step
+        _write_state(self.state_path, {**self.state, "wandb_last_step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
