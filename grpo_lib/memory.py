@@ -3,6 +3,7 @@
     peak = always-resident (weights, LoRA, gradients, AdamW states, CUDA context)
            + the largest of the step's phases:
                generation  KV cache of N = prompts_per_step * G rows of (P + T) tokens + sampling buffers
+                           (+ the merged copy of the adapted weights, without 4-bit)
                reference   one no-grad forward of a micro-batch (adapters off)
                training    saved activations of a micro-batch (one group of it on the shared-prompt
                            path, which calls backward per group unless top_entropy_quantile < 1) + the
@@ -183,6 +184,7 @@ COMPONENTS = {
     "cuda_context": ("always", "CUDA context, cuBLAS workspace, kernels"),
     "kv_cache": ("generation", "keys/values of N rows x (prompt + completion) tokens x layers"),
     "sampling_buffers": ("generation", "per-token [N, vocab] fp32 logits and probabilities"),
+    "merged_weights": ("generation", "LoRA merged into a copy of the adapted base weights while sampling"),
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
     "activations": ("training", "tensors autograd saves for backward: a micro-batch, or one group on the shared path"),
     "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward"),
@@ -322,6 +324,10 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     # 2) generation: the KV cache of N rows of (P + T) tokens, the sampling buffers of one decoding step
     components["kv_cache"] = N * (P + T) * spec.num_layers * 2 * spec.kv_dim * (4 if stream_fp32 else wb)
     components["sampling_buffers"] = SAMPLING_BLOCKS * N * spec.vocab_size * 4
+    # models.merged_adapters: a merged copy of every adapted weight while sampling (not into 4-bit weights)
+    adapted = spec.num_layers * sum(i * o for n, (i, o) in spec.linear_shapes().items()
+                                    if n in lora_targets(config.lora_target_modules))
+    components["merged_weights"] = adapted * wb if r > 0 and not four_bit else 0
 
     # 3) reference pass (no grad) and 4) training, one micro-batch each
     ckpt = config.gradient_checkpointing
@@ -330,7 +336,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     without = _micro_batch(spec, config, P, stream_fp32, False)
     components["activations"], components["logits"], components["layer_backward"] = with_ckpt if ckpt else without
     act_ckpt, act_plain = with_ckpt[0] + with_ckpt[2], without[0] + without[2]  # activations, logits aside
-    phases = {"generation": components["kv_cache"] + components["sampling_buffers"],
+    phases = {"generation": components["kv_cache"] + components["sampling_buffers"] + components["merged_weights"],
               "reference": components["reference_pass"],
               # the head's backward runs first and frees its logits before any layer's backward starts
               "training": components["activations"] + max(components["logits"], components["layer_backward"])}
@@ -415,7 +421,8 @@ def _fmt(b: float) -> str:
 
 LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
           "optimizer_states": "AdamW states", "cuda_context": "CUDA context", "kv_cache": "KV cache",
-          "sampling_buffers": "sampling buffers", "reference_pass": "reference forward",
+          "sampling_buffers": "sampling buffers", "merged_weights": "merged weights",
+          "reference_pass": "reference forward",
           "activations": "activations", "logits": "logits chunks", "layer_backward": "layer backward"}
 
 

@@ -269,6 +269,46 @@ def model_mode(model, training: bool):
         model.train(was_training)
 
 
+def mergeable_lora_layers(model) -> list:
+    """The model's LoRA layers whose adapters can be merged into a plain (not 4-bit) linear base weight; []
+    if any cannot (an nf4 base: merging would re-quantise it, so sampling would leave the trained policy)."""
+    if not is_peft(model):
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = all(type(m.get_base_layer()) is torch.nn.Linear and not any(m.use_dora.get(a, False)
+                                                                        for a in m.active_adapters)
+                for m in layers)
+    return layers if plain else []
+
+
+@contextlib.contextmanager
+def merged_adapters(model):
+    """Inside the block the LoRA policy runs with its adapters merged into the base weights, W' = W + s B A:
+    one matmul per linear layer instead of three, for sampling (no gradient, no dropout in eval mode). The
+    same policy up to float rounding; afterwards the original weight tensors are put back, bit for bit.
+    Models without adapters or with 4-bit base weights run as they are. Holds a merged copy of the adapted
+    weights while inside (memory.estimate counts it in the generation phase)."""
+    layers = mergeable_lora_layers(model)
+    if not layers:
+        yield model
+        return
+    originals = []
+    with torch.no_grad():
+        for m in layers:
+            base = m.get_base_layer()
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            originals.append((base, base.weight))
+            base.weight = torch.nn.Parameter(base.weight + delta.to(base.weight.dtype), requires_grad=False)
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        for base, weight in originals:
+            base.weight = weight
+
+
 def frozen_copy(model):
     """A frozen copy of `model` in eval mode: the reference policy of full fine-tuning (lora_r=0, beta>0),
     a second set of weights (memory.estimate counts it)."""

@@ -212,3 +212,19 @@ def test_prediction_within_30_percent_of_measured_cpu_steps():
         ratio = r["predicted_bytes"] / r["measured_bytes"]
         assert 0.7 <= ratio <= 1.3, (r["case"], r["predicted_bytes"], r["measured_bytes"])
     assert len({r["model"] for r in results}) >= 2 and len({r["config"]["num_generations"] for r in results}) >= 2
+
+
+def test_merged_sampling_weights_are_planned_without_4bit_only():
+    """Sampling merges LoRA into a copy of the adapted weights (models.merged_adapters): the generation
+    phase holds one more copy of every adapted linear weight, in the compute dtype, unless the base is 4-bit."""
+    from grpo_lib.config import GRPOConfig
+    from grpo_lib.memory import MODEL_SPECS, estimate
+
+    spec = MODEL_SPECS["Qwen2.5-1.5B-Instruct"]
+    plain = estimate(GRPOConfig(load_in_4bit=False), spec, device="cuda")
+    assert plain.components["merged_weights"] == spec.linear_params * 2  # all-linear, bf16/fp16
+    q_only = estimate(GRPOConfig(load_in_4bit=False, lora_target_modules="q_proj"), spec, device="cuda")
+    assert q_only.components["merged_weights"] == spec.num_layers * spec.hidden_size * spec.q_dim * 2
+    assert estimate(GRPOConfig(), spec, device="cuda").components["merged_weights"] == 0  # nf4: nothing merged
+    assert plain.phases["generation"] == sum(plain.components[k] for k in ("kv_cache", "sampling_buffers",
+                                                                           "merged_weights"))

@@ -85,3 +85,43 @@ def test_sample_groups_masks_and_truncation(tiny_model, tokenizer):
         assert trunc == (not any(t in eos for t in ids[:n]))
         assert trunc or ids[n - 1] in eos
         assert all(t == tokenizer.pad_token_id for t in ids[n:])
+
+
+def test_merged_adapters_sample_the_lora_policy_and_restore_the_weights(tiny_peft_model, tokenizer):
+    """Sampling with LoRA merged into the base weights (one matmul per layer) is the same policy: the same
+    logits up to float rounding, the same draws from the same seed; afterwards the base weights are the
+    original tensors, bit for bit, and the adapters are back on."""
+    from grpo_lib.models import merged_adapters
+    from grpo_lib.sampling import sample_groups
+
+    model = tiny_peft_model
+    ids = torch.randint(0, 1000, (3, 7))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with merged_adapters(model) as merged:
+            fused = merged(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, base, atol=1e-3), "the adapters change the policy"
+    assert torch.equal(after, plain) and all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nyes?<|im_end|>\n"]
+    torch.manual_seed(4)
+    a = sample_groups(model, tokenizer, prompts, 3, 8, merge_adapters=True)
+    torch.manual_seed(4)
+    b = sample_groups(model, tokenizer, prompts, 3, 8, merge_adapters=False)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_nothing_is_merged_into_4bit_weights(tmp_path, tokenizer):
+    from grpo_lib.models import load_policy, mergeable_lora_layers
+    from tests.conftest import make_tiny_llama
+
+    make_tiny_llama(len(tokenizer), hidden=64).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_policy(str(tmp_path), load_in_4bit=True, lora_r=4, device="cpu")
+    assert mergeable_lora_layers(model) == []  # sampling runs the adapters on the nf4 base as they are
+    plain, _ = load_policy(str(tmp_path), load_in_4bit=False, lora_r=4, device="cpu")
+    assert len(mergeable_lora_layers(plain)) == 2 * 7  # every linear of both decoder layers
