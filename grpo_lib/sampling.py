@@ -134,14 +134,39 @@ def filtered_scores(logits: torch.Tensor, temperature: float, top_p: float = 1.0
     return scores
 
 
+SAMPLING_BLOCK = 256  # tokens per block of draw(): ~sqrt of a 50k-150k vocabulary
+
+
+def _inverse_cdf(mass: torch.Tensor) -> torch.Tensor:
+    """One index per row of mass [n, k] >= 0, drawn with probability mass / row sum: the first i whose
+    cumulative sum exceeds u ~ U[0, row sum). A zero-mass entry is never drawn (right=True: u < c[i] and
+    u >= c[i-1] = c[i] cannot both hold); a u that float rounding puts at the row sum is clamped to the last
+    entry with mass."""
+    c = mass.cumsum(dim=-1)  # [n, k]
+    u = torch.rand(c.size(0), 1, dtype=c.dtype, device=c.device) * c[:, -1:]
+    last = (c < c[:, -1:]).sum(dim=-1, keepdim=True)  # index of the last entry with mass
+    return torch.minimum(torch.searchsorted(c, u, right=True), last).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, block: int = SAMPLING_BLOCK) -> torch.Tensor:
+    """One token per row of probs [n, V] (zero outside a filtered set), exactly as torch.multinomial(probs, 1)
+    would in distribution, in two levels: a block of `block` tokens by its total mass, then a token inside it
+    by the token's mass. A cumulative sum over V/block + block entries per row instead of multinomial's V
+    exponential draws: ~10x faster for a 49k vocabulary on CPU, where it was a third of a decoding step."""
+    n, V = probs.shape
+    blocks = torch.nn.functional.pad(probs, (0, (-V) % block)).view(n, -1, block)  # [n, V/block, block]
+    b = _inverse_cdf(blocks.sum(dim=-1))  # [n] the block
+    inside = blocks[torch.arange(n, device=probs.device), b]  # [n, block]
+    return b * block + _inverse_cdf(inside)
+
+
 def next_tokens(logits: torch.Tensor, temperature: float | None, top_p: float = 1.0,
                 top_k: int | None = None) -> torch.Tensor:
     """logits [n, V] -> token ids [n]: one draw from softmax(filtered_scores), or argmax when
     temperature is None or 0 (greedy). Draws use torch's global RNG."""
     if not temperature:
         return logits.argmax(dim=-1)
-    probs = filtered_scores(logits, temperature, top_p, top_k).softmax(dim=-1)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    return draw(filtered_scores(logits, temperature, top_p, top_k).softmax(dim=-1))
 
 
 @torch.no_grad()

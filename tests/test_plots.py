@@ -147,7 +147,7 @@ def test_training_curves_from_run_dir(tmp_path):
 
 ALL_KEYS = ["reward/mean", "reward/format/mean", "reward/answer/mean", "reward/std", "adv/zero_std_frac",
             "reward/unscorable_frac", "kl/mean", "clip/low", "clip/high", "clip/region", "completion/mean_length",
-            "completion/truncated_frac", "lr", "loss", "grad_norm", "time/step_s"]
+            "completion/truncated_frac", "lr", "loss", "grad_norm", "time/step_s", "entropy/mean", "clip/cispo"]
 
 
 def test_training_curves_all_panels_and_empty():
@@ -155,7 +155,7 @@ def test_training_curves_all_panels_and_empty():
     fig = plot_training_curves(varying)
     assert [ax.get_title() for ax in fig.axes] == [title for title, _, _ in CURVE_PANELS] and note(fig) == []
     assert all(ax.get_ylabel() for ax in fig.axes)  # every panel says what its y axis is
-    assert len([ln for ln in panels(fig)["clip fractions"].get_lines() if ln.get_gid().endswith(":ema")]) == 3
+    assert len([ln for ln in panels(fig)["clip fractions"].get_lines() if ln.get_gid().endswith(":ema")]) == 4
     legend = panels(fig)["reward per function (mean)"].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["answer", "format"]  # not mixed with the total
     single = plot_training_curves([step_record(step=1, metrics={k: 0.0 for k in ALL_KEYS})])

@@ -39,6 +39,37 @@ def test_next_tokens_draws_from_the_nucleus_by_hand():
     assert next_tokens(logits[:3], 0.0).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("V,block", [(10, 3), (1000, 64), (49152, 256)])
+def test_draw_is_multinomial_in_distribution(V, block):
+    """The two-level inverse-CDF draw: frequencies match probs (rows unnormalised, about a third of the tokens
+    with zero mass, V not a multiple of the block), zero-mass tokens and padding are never drawn. The
+    49k-vocabulary case puts the mass on a few tokens in different blocks so that 20k draws measure it."""
+    from grpo_lib.sampling import draw
+
+    torch.manual_seed(V)
+    if V < 2000:
+        mass = torch.rand(V) ** 4 * (torch.rand(V) > 0.33)
+    else:
+        mass = torch.zeros(V)
+        mass[[5, 7000, 7001, V - 1]] = torch.tensor([0.2, 0.4, 0.1, 0.3])
+    rows, calls = (200000, 1) if V < 2000 else (2000, 10)  # a [200000, 49152] batch would not fit in memory
+    ids = torch.cat([draw(mass.repeat(rows, 1), block) for _ in range(calls)])
+    n = rows * calls
+    assert ids.max() < V and (mass[ids] > 0).all()
+    freq = torch.bincount(ids, minlength=V).float() / n
+    expected = mass / mass.sum()
+    assert (freq - expected).abs().max() < 5 * (expected * (1 - expected) / n).sqrt().max() + 1e-4
+
+
+def test_draw_never_leaves_the_support_when_rounding_reaches_the_total(monkeypatch):
+    """u drawn at the very top of [0, total) (where float rounding can land) must still pick a token with mass."""
+    from grpo_lib.sampling import draw
+
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, **kw))  # u = total exactly
+    probs = torch.tensor([[0.0, 0.7, 0.3, 0.0, 0.0]])
+    assert draw(probs, block=2).tolist() == [2]
+
+
 @pytest.mark.slow
 def test_decode_drops_finished_rows_and_writes_what_generate_writes(embedded_policy):
     """Greedy, so both must produce the same tokens; prompts of different lengths (left padding) and an
