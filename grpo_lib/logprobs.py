@@ -9,6 +9,10 @@ one [chunk, vocab] block instead of N*T of them. `group_token_logps` runs a grou
 once and its G completions on top of the prompt's KV cache: the same numbers as the plain path
 (gradients flow through the cache into the prompt's activations) for about 1/G of the prompt compute.
 
+Completions are padded to the longest of their batch, and the positions after an EOS cost as much as real
+ones. `length_buckets` splits a batch into runs of similar length, each padded only to its own longest
+(rollout_logps does this per group): the same numbers, fewer positions through every layer.
+
 With `with_entropy=True` each function also returns H_t, the entropy of the temperature-scaled policy,
 detached, taken from the [chunk, vocab] block already in memory: no second pass over the vocabulary, and
 none in backward (checkpointing's recompute stops at the last tensor autograd saves, before the entropy).
@@ -68,6 +72,30 @@ def token_logps_from_hidden(head, hidden: torch.Tensor, targets: torch.Tensor, t
     return outs if with_entropy else outs[0]
 
 
+BUCKET_OVERHEAD_TOKENS = 24
+"""A forward call's fixed cost (its Python and per-layer dispatch) in positions' worth of compute: a run of
+similar lengths gets its own forward only when that saves more padded positions than this."""
+
+
+def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices split into runs of similar length, longest first, each run to be padded only to its own
+    longest: the split that minimises positions computed (rows x longest, per run) + overhead per run
+    (dynamic programming over the rows sorted by length)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0.0] + [float("inf")] * len(order)  # best[i]: cost of order[:i]
+    cut = [0] * (len(order) + 1)
+    for i in range(1, len(order) + 1):
+        for j in range(i):  # the last run is order[j:i], padded to the length of order[j]
+            cost = best[j] + (i - j) * lengths[order[j]] + overhead
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    runs, i = [], len(order)
+    while i > 0:
+        runs.append(order[cut[i]:i])
+        i = cut[i]
+    return runs[::-1]
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as generate() uses: [B, L] -> [B, L]."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -88,25 +116,43 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                    chunk_size, with_entropy)
 
 
+def _repeated(cache, n: int, config):
+    """A new KV cache holding `cache`'s one row n times (expanded, not copied; gradients flow back to it)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+                         for layer in cache.layers], config=config)
+
+
 def group_token_logps(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0,
-                      chunk_size: int = 512, with_entropy: bool = False):
+                      chunk_size: int = 512, with_entropy: bool = False, lengths: list[int] | None = None):
     """Log-probs of G completions of one prompt, the prompt run once.
 
-    prompt_ids: [P] (no padding); completion_ids: [G, T] right-padded (padding only follows EOS, so
-    causal attention keeps it from touching real tokens). Returns [G, T] (with_entropy: and the entropies).
+    prompt_ids: [P] (no padding); completion_ids: [G, T] right-padded (padding only follows EOS, so causal
+    attention keeps it from touching real tokens). lengths: [G] each completion's real tokens; with them
+    the completions run in length_buckets on copies of the prompt's KV cache, each trimmed to its longest
+    (positions past the longest of a row's run are then 0). Returns [G, T] (with_entropy: and the entropies).
     """
-    G = completion_ids.size(0)
+    G, T = completion_ids.shape
     body = backbone(model)
     prompt_out = body(input_ids=prompt_ids[None], use_cache=True)  # [1, P, H] + KV cache
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(G)  # share the prompt's keys/values with all G completions
-    hidden_first = prompt_out.last_hidden_state[:, -1:].expand(G, 1, -1)  # [G, 1, H] predicts o_1
-    if completion_ids.size(1) > 1:
-        rest = body(input_ids=completion_ids[:, :-1], past_key_values=cache, use_cache=True)
-        hidden = torch.cat([hidden_first, rest.last_hidden_state], dim=1)  # [G, T, H]
-    else:
-        hidden = hidden_first
-    return token_logps_from_hidden(output_head(model), hidden, completion_ids, temperature, chunk_size, with_entropy)
+    runs = length_buckets(lengths) if lengths is not None else [list(range(G))]
+    outs = []
+    for rows in runs:
+        width = max(1, max(lengths[r] for r in rows)) if lengths is not None else T
+        ids = completion_ids[rows, :width]  # [g, width]
+        hidden = prompt_out.last_hidden_state[:, -1:].expand(len(rows), 1, -1)  # [g, 1, H] predicts o_1
+        if width > 1:  # o_2.. are predicted by the completion's own positions, on the prompt's KV cache
+            rest = body(input_ids=ids[:, :-1], past_key_values=_repeated(prompt_out.past_key_values, len(rows),
+                                                                         body.config), use_cache=True)
+            hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)  # [g, width, H]
+        out = token_logps_from_hidden(output_head(model), hidden, ids, temperature, chunk_size, with_entropy)
+        outs.append((rows, out if with_entropy else (out,)))
+    order = torch.tensor([r for rows, _ in outs for r in rows], device=completion_ids.device)
+    results = tuple(torch.zeros(G, T, device=completion_ids.device, dtype=parts[0].dtype).index_put(
+        (order,), torch.cat([torch.nn.functional.pad(p, (0, T - p.size(1))) for p in parts]))
+        for parts in zip(*(o for _, o in outs)))
+    return results if with_entropy else results[0]
 
 
 def rollout_logps(model, rollout, indices: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512,
@@ -123,7 +169,9 @@ def rollout_logps(model, rollout, indices: torch.Tensor, temperature: float = 1.
         for g in groups.unique(sorted=True).tolist():
             rows.append((groups == g).nonzero().flatten())
             prompt = rollout.prompt_ids[g][rollout.prompt_mask[g].bool()]  # [P_g] without padding
-            out = group_token_logps(model, prompt, ids[rows[-1], :width], temperature, chunk_size, with_entropy)
+            lengths = rollout.completion_mask[indices[rows[-1]]].sum(1).tolist()
+            out = group_token_logps(model, prompt, ids[rows[-1], :width], temperature, chunk_size, with_entropy,
+                                    lengths)
             parts.append(out if with_entropy else (out,))
         order = torch.cat(rows)
         outs = [torch.zeros(len(indices), width, device=ids.device, dtype=p[0].dtype).index_put((order,), torch.cat(p))

@@ -156,3 +156,39 @@ def test_entropy_costs_no_second_pass_and_changes_no_gradient(tiny_peft_model, t
     assert len(calls) == forward_calls  # none in backward
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
+
+
+def test_length_buckets_by_hand():
+    """Rows sorted longest first; a run costs rows x its longest + the overhead. Lengths 30, 28, 5, 4, 4 with
+    overhead 10: one run costs 5 x 30 + 10 = 160; {30, 28} + {5, 4, 4} costs 60 + 10 + 15 + 10 = 95, the least."""
+    from grpo_lib.logprobs import length_buckets
+
+    assert length_buckets([4, 30, 5, 28, 4], overhead=10) == [[1, 3], [2, 0, 4]]
+    assert length_buckets([4, 30, 5, 28, 4], overhead=1000) == [[1, 3, 2, 0, 4]]  # a forward costs too much
+    assert length_buckets([7, 7, 7], overhead=1) == [[0, 1, 2]]  # equal lengths: splitting saves nothing
+    assert sorted(r for run in length_buckets([3, 9, 1, 9, 2, 8], overhead=2) for r in run) == list(range(6))
+
+
+def test_length_buckets_give_the_same_log_probs_and_gradients(tiny_peft_model, tokenizer):
+    """A group whose completions end at very different lengths, run in length_buckets (each run on its own copy
+    of the prompt's KV cache, trimmed to its longest) vs as one padded batch: the same log-probs on every real
+    token, the same LoRA gradients of a masked loss, 0 past the longest of each run."""
+    from grpo_lib.logprobs import length_buckets
+
+    prompt = tokenize_prompts(tokenizer, ["<|im_start|>user\nWhich is larger, 12 or 40?<|im_end|>\n"], "cpu")[0][0]
+    torch.manual_seed(1)
+    ids = torch.randint(100, 1000, (6, 12))
+    lengths = [12, 2, 11, 3, 1, 12]
+    mask = (torch.arange(12)[None] < torch.tensor(lengths)[:, None]).float()
+    assert len(length_buckets(lengths)) > 1, "the lengths must split, or this tests nothing"
+    results = {}
+    for bucketed in (True, False):
+        tiny_peft_model.zero_grad()
+        logps = group_token_logps(tiny_peft_model, prompt, ids, lengths=lengths if bucketed else None)
+        (logps * mask).sum().backward()
+        grads = [p.grad.clone() for p in tiny_peft_model.parameters() if p.requires_grad]
+        results[bucketed] = (logps, grads)
+    torch.testing.assert_close(results[True][0] * mask, results[False][0] * mask, rtol=1e-5, atol=1e-6)
+    assert (results[True][0][:, 3:] == 0)[[1, 3, 4]].all(), "the short rows' run stops at its longest, 3"
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
