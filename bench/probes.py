@@ -1,8 +1,8 @@
 """Small measurements behind the findings in results.md (each a few seconds to a minute on CPU).
 
-    python bench/probes.py saved      # autograd's saved bytes of group_token_logps vs grpo_lib.memory's count
+    python bench/probes.py saved      # autograd's saved bytes of shared_prompt_logps vs grpo_lib.memory's count
     python bench/probes.py sampler    # torch.multinomial vs exponential-race sampling of [32, vocab] probs
-    python bench/probes.py gqa        # saved bytes and time of group_token_logps, repeat_kv vs SDPA's enable_gqa
+    python bench/probes.py gqa        # saved bytes and time of shared_prompt_logps, repeat_kv vs SDPA's enable_gqa
 
 All on the embedded SmolLM2-135M-Instruct with LoRA r=16, one group: G=8 completions of T=64 tokens
 after the 81-token one-shot `larger` prompt.
@@ -50,12 +50,13 @@ def saved_bytes(model, fn) -> tuple[int, torch.Tensor]:
 
 def probe_saved() -> None:
     from grpo_lib import memory
-    from grpo_lib.logprobs import group_token_logps
+    from grpo_lib.logprobs import shared_prompt_logps
 
     model, _ = policy()
     spec = memory.model_spec(model)
     prompt, completions = group_inputs(spec.vocab_size)
-    measured, _ = saved_bytes(model, lambda: group_token_logps(model, prompt, completions))
+    measured, _ = saved_bytes(model, lambda: shared_prompt_logps(model, prompt[None], torch.ones_like(prompt)[None], completions,
+                                                            torch.zeros(len(completions), dtype=torch.long)))
     tokens = P + G * (T - 1)  # the prompt once, then T-1 completion tokens per row on its cache
     per_token = memory.layer_activation_bytes(spec, True, "all-linear", 16)
     kv = G * (P + T - 1) * 2 * spec.q_dim * 4 + P * 2 * spec.kv_dim * 4
@@ -65,12 +66,15 @@ def probe_saved() -> None:
 
 
 def probe_sampler(repeats: int = 20) -> None:
-    """Sampling one token per row: multinomial (what generate() does) vs the exponential race
-    argmax(p / E), E ~ Exp(1), which draws from the same distribution."""
+    """Sampling one token per row: multinomial (what generate() does), the exponential race argmax(p / E),
+    E ~ Exp(1), and grpo_lib.sampling.draw (two-level inverse CDF), which draw from the same distribution."""
+    from grpo_lib.sampling import draw as two_level
+
     vocab = 49152
     probs = torch.softmax(torch.randn(G * 4, vocab), dim=-1)
     for name, draw in (("torch.multinomial", lambda: torch.multinomial(probs, 1)),
-                       ("argmax(p / Exp(1))", lambda: (probs / torch.empty_like(probs).exponential_()).argmax(-1))):
+                       ("argmax(p / Exp(1))", lambda: (probs / torch.empty_like(probs).exponential_()).argmax(-1)),
+                       ("sampling.draw", lambda: two_level(probs))):
         draw()
         t = time.perf_counter()
         for _ in range(repeats):
@@ -84,7 +88,7 @@ def probe_sampler(repeats: int = 20) -> None:
 
 
 def probe_gqa() -> None:
-    from grpo_lib.logprobs import group_token_logps
+    from grpo_lib.logprobs import shared_prompt_logps
 
     model, _ = policy()
     prompt, completions = group_inputs(model.config.vocab_size)
@@ -94,7 +98,8 @@ def probe_gqa() -> None:
         for _ in range(2):  # the second run is timed
             model.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            nbytes, logps = saved_bytes(model, lambda: group_token_logps(model, prompt, completions))
+            nbytes, logps = saved_bytes(model, lambda: shared_prompt_logps(model, prompt[None], torch.ones_like(prompt)[None], completions,
+                                                            torch.zeros(len(completions), dtype=torch.long)))
             logps.sum().backward()
             elapsed = time.perf_counter() - t
         results[force] = logps.detach()

@@ -14,7 +14,12 @@ then `--steps` timed steps. A side reports wall time per step, generated tokens 
 sampling phase (tokens counted up to and including the first EOS), and its peak resident memory
 (ru_maxrss, loading included). The grpo_lib side also times plain `model.generate` on each measured
 step's prompts (the same 32 rows, the same sampling settings, no shared prompt prefill): the
-reference for the generation goal. Medians over all measured steps of all rounds; ratios grpo_lib/TRL.
+reference for the generation goal. Medians over all measured steps of all rounds; ratios grpo_lib/TRL. Each
+grpo_lib phase (generation, training) is also set against its floor (bench/floors.py: the step's matmul FLOPs
+over this machine's matmul throughput at the step's own shapes, measured in the same process).
+
+Goals, printed as met or missed: step time <= 0.33 x TRL's, peak memory <= 0.25 x TRL's, generation >= 2 x
+plain model.generate tokens/s, each phase <= 2 x its floor.
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ def run_grpo_lib(args) -> dict:
     load_s, loaded_rss = time.perf_counter() - t0, rss_bytes()
     eos = eos_token_ids(model, tokenizer)
 
+    from floors import floors
+
+    from grpo_lib.memory import model_spec
+
+    spec = model_spec(config.model)
     steps, plain = [], []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -84,9 +94,11 @@ def run_grpo_lib(args) -> dict:
         step_s = time.perf_counter() - t
         m = record.metrics
         measured = i >= args.warmup
+        prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in record.prompts]
         steps.append({"measured": measured, "step_s": step_s, "generate_s": m["time/generate_s"],
                       "train_s": m["time/train_s"], "tokens": m["tokens/generated"],
-                      "decode_steps": max(record.lengths), "loss": m.get("loss")})
+                      "decode_steps": max(record.lengths), "loss": m.get("loss"),
+                      **(floors(spec, config, prompt_tokens, record.lengths) if measured else {})})
         if measured and args.plain_generate:
             # plain model.generate on the same 32 rows: every row prefills its own prompt
             ids, mask = tokenize_prompts(tokenizer, record.prompts, "cpu")
@@ -214,6 +226,13 @@ def summarise(runs: list[dict]) -> dict:
         steps = measured(side)
         if not steps:
             continue
+        if side == "grpo_lib":  # each phase against its floor (floors.py), per step, then the median
+            out["floors"] = {
+                phase: {"median_floor_s": statistics.median(s[f"{phase}_floor_s"] for s in steps),
+                        "median_ratio": statistics.median(s[f"{key}_s"] / s[f"{phase}_floor_s"] for s in steps),
+                        "gflop": statistics.median(s[f"{phase}_gflop"] for s in steps),
+                        "gflops_per_s": statistics.median(s[f"{phase}_gflops_per_s"] for s in steps)}
+                for phase, key in (("generation", "generate"), ("training", "train"))}
         out[side] = {
             "step_s": [round(s["step_s"], 2) for s in steps],
             "median_step_s": statistics.median(s["step_s"] for s in steps),
@@ -261,9 +280,14 @@ def format_summary(s: dict) -> str:
     for side in ("grpo_lib", "trl"):
         if side in s:
             lines.append(f"{side} step times: {s[side]['step_s']}")
+    for phase, f in s.get("floors", {}).items():
+        ok = f["median_ratio"] <= 2.0
+        lines.append(f"grpo_lib {phase}: {f['gflop']:.0f} GFLOP at {f['gflops_per_s']:.0f} GFLOP/s (this machine's matmuls "
+                     f"at the phase's shapes) = floor {f['median_floor_s']:.1f}s; measured/floor {f['median_ratio']:.2f} "
+                     f"(goal <= 2: {'met' if ok else 'MISSED'})")
     if "ratios" in s:
         r = s["ratios"]
-        goals = {"step_time": ("<=", 0.5), "peak_rss": ("<=", 0.35), "generate_vs_plain_tokens_per_s": (">=", 1.0)}
+        goals = {"step_time": ("<=", 0.33), "peak_rss": ("<=", 0.25), "generate_vs_plain_tokens_per_s": (">=", 2.0)}
         for k, v in r.items():
             goal = goals.get(k)
             verdict = ""

@@ -44,6 +44,7 @@ def build_config(args) -> GRPOConfig:
 
 def cmd_train(args) -> int:
     from . import data, eval as evaluation, memory, models, runlog
+    from .doctor import diagnose, format_findings
     from .trainer import GRPOTrainer
     from .widgets import TrainingDashboard
 
@@ -72,14 +73,14 @@ def cmd_train(args) -> int:
                                   config=config.to_dict())
     trainer.train(on_step=dashboard.update)
     dashboard.close()
+    if trainer.stop_reason:
+        print(trainer.stop_reason, flush=True)
     after = None
     if eval_rows:
         after = evaluation.evaluate(model, tokenizer, eval_rows, config)
         _write_json(run_dir / "eval_after.json", after)
         print("\n" + evaluation.comparison_table(before, after), flush=True)
     _save_plots(run_dir, before, after)
-    from .doctor import diagnose, format_findings
-
     print("\n" + format_findings(diagnose(run_dir)), flush=True)  # the whole run log, resumed steps included
     print(f"\nrun log {run_dir / runlog.LOG_NAME}, adapter {run_dir / 'adapter'}, "
           f"total {time.time() - t0:.0f}s", flush=True)

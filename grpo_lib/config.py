@@ -139,6 +139,9 @@ class GRPOConfig:
     """Completion positions per log-softmax chunk: bounds the [chunk, vocab] logits memory."""
     share_prompt_forward: bool = True
     """Run each group's prompt once and the G completions on its KV cache (same math)."""
+    groups_per_backward: int = 2
+    """On the shared-prompt path, groups per forward + backward (same math): more runs larger matrix products
+    (2 groups: ~10% faster training on CPU than 1), each holds more activations (memory.estimate counts them)."""
 
     # --- run directory ---------------------------------------------------------------------
     save_steps: int = 50
@@ -289,7 +292,8 @@ def validate(c: GRPOConfig) -> None:
     _require(c.num_generations >= 2, "num_generations", c.num_generations,
              "GRPO compares completions inside a group, so it needs at least 2 (4-16 is usual)")
     for name in ("prompts_per_step", "max_completion_length", "max_prompt_length", "max_steps",
-                 "num_iterations", "gradient_accumulation_steps", "logprob_chunk_size", "save_total_limit"):
+                 "num_iterations", "gradient_accumulation_steps", "logprob_chunk_size", "save_total_limit",
+                 "groups_per_backward"):
         _require(getattr(c, name) >= 1, name, getattr(c, name), "must be >= 1")
     for name in ("lora_r", "warmup_steps", "save_steps", "num_eval_prompts"):
         _require(getattr(c, name) >= 0, name, getattr(c, name), "must be >= 0")

@@ -5,9 +5,10 @@
 
 Only completion positions go through the output head, `chunk_size` positions at a time; with
 gradients on, each chunk is recomputed in backward (activation checkpointing), so peak memory holds
-one [chunk, vocab] block instead of N*T of them. `group_token_logps` runs a group's shared prompt
-once and its G completions on top of the prompt's KV cache: the same numbers as the plain path
-(gradients flow through the cache into the prompt's activations) for about 1/G of the prompt compute.
+one [chunk, vocab] block instead of N*T of them. The shared-prompt path runs a group's prompt
+once and its G completions on top of the prompt's KV cache (`shared_prompt_logps`, several prompts in one
+batch): the same numbers as the plain path (gradients flow through the cache into the prompt's activations)
+for about 1/G of the prompt compute.
 
 Completions are padded to the longest of their batch, and the positions after an EOS cost as much as real
 ones. `length_buckets` splits a batch into runs of similar length, each padded only to its own longest
@@ -116,40 +117,50 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                    chunk_size, with_entropy)
 
 
-def _repeated(cache, n: int, config):
-    """A new KV cache holding `cache`'s one row n times (expanded, not copied; gradients flow back to it)."""
+def _rows_of(cache, rows: torch.Tensor, config):
+    """A new KV cache holding rows `rows` of `cache` (a contiguous copy: attention over an expanded view is
+    slower); gradients flow back to the original."""
     from transformers.cache_utils import DynamicCache
 
-    return DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-                         for layer in cache.layers], config=config)
+    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
 
 
-def group_token_logps(model, prompt_ids: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0,
-                      chunk_size: int = 512, with_entropy: bool = False, lengths: list[int] | None = None):
-    """Log-probs of G completions of one prompt, the prompt run once.
+def shared_prompt_logps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                        groups: torch.Tensor, lengths: list[int] | None = None, temperature: float = 1.0,
+                        chunk_size: int = 512, with_entropy: bool = False):
+    """Log-probs of completions whose prompts are shared: each prompt runs once, and every completion
+    continues from its prompt's KV cache.
 
-    prompt_ids: [P] (no padding); completion_ids: [G, T] right-padded (padding only follows EOS, so causal
-    attention keeps it from touching real tokens). lengths: [G] each completion's real tokens; with them
-    the completions run in length_buckets on copies of the prompt's KV cache, each trimmed to its longest
-    (positions past the longest of a row's run are then 0). Returns [G, T] (with_entropy: and the entropies).
+    prompt_ids, prompt_mask: [g, P] left-padded; completion_ids: [n, T] right-padded (padding only follows
+    EOS, so causal attention keeps it from touching real tokens); groups: [n] the prompt row of each
+    completion. lengths: [n] each completion's real tokens; with them the completions run in length_buckets,
+    each trimmed to its longest (positions past the longest of a row's run are then 0). The same numbers as
+    per_token_logps on prompt + completion rows, with every prompt computed once instead of once per completion.
+    Returns [n, T] (with_entropy: and the entropies).
     """
-    G, T = completion_ids.shape
+    n, T = completion_ids.shape
     body = backbone(model)
-    prompt_out = body(input_ids=prompt_ids[None], use_cache=True)  # [1, P, H] + KV cache
-    runs = length_buckets(lengths) if lengths is not None else [list(range(G))]
+    padded = not bool(prompt_mask.all())  # without padding the model's own causal mask is the fast path
+    prompt_out = body(input_ids=prompt_ids, attention_mask=prompt_mask if padded else None,
+                      position_ids=positions_from_mask(prompt_mask), use_cache=True)  # [g, P, H] + KV cache
+    prompt_lengths = prompt_mask.sum(dim=1)  # [g]
+    runs = length_buckets(lengths) if lengths is not None else [list(range(n))]
     outs = []
     for rows in runs:
         width = max(1, max(lengths[r] for r in rows)) if lengths is not None else T
-        ids = completion_ids[rows, :width]  # [g, width]
-        hidden = prompt_out.last_hidden_state[:, -1:].expand(len(rows), 1, -1)  # [g, 1, H] predicts o_1
-        if width > 1:  # o_2.. are predicted by the completion's own positions, on the prompt's KV cache
-            rest = body(input_ids=ids[:, :-1], past_key_values=_repeated(prompt_out.past_key_values, len(rows),
-                                                                         body.config), use_cache=True)
-            hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)  # [g, width, H]
+        g = groups[rows]  # [r] the prompt of each row
+        ids = completion_ids[rows, :width]  # [r, width]
+        hidden = prompt_out.last_hidden_state[g, -1:]  # [r, 1, H]: the last prompt position predicts o_1
+        if width > 1:  # o_2.. are predicted by the completion's own positions, on its prompt's KV cache
+            mask = torch.cat([prompt_mask[g], prompt_mask.new_ones(len(rows), width - 1)], dim=1) if padded else None
+            positions = prompt_lengths[g, None] + torch.arange(width - 1, device=ids.device)  # [r, width - 1]
+            rest = body(input_ids=ids[:, :-1], attention_mask=mask, position_ids=positions,
+                        past_key_values=_rows_of(prompt_out.past_key_values, g, body.config), use_cache=True)
+            hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)  # [r, width, H]
         out = token_logps_from_hidden(output_head(model), hidden, ids, temperature, chunk_size, with_entropy)
         outs.append((rows, out if with_entropy else (out,)))
     order = torch.tensor([r for rows, _ in outs for r in rows], device=completion_ids.device)
-    results = tuple(torch.zeros(G, T, device=completion_ids.device, dtype=parts[0].dtype).index_put(
+    results = tuple(torch.zeros(n, T, device=completion_ids.device, dtype=parts[0].dtype).index_put(
         (order,), torch.cat([torch.nn.functional.pad(p, (0, T - p.size(1))) for p in parts]))
         for parts in zip(*(o for _, o in outs)))
     return results if with_entropy else results[0]
@@ -158,24 +169,21 @@ def group_token_logps(model, prompt_ids: torch.Tensor, completion_ids: torch.Ten
 def rollout_logps(model, rollout, indices: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512,
                   share_prompt: bool = True, with_entropy: bool = False):
     """Log-probs [n, T] for the completions `indices` [n] of a rollout, trimmed to their longest length
-    (no compute on padding columns) and padded back to the rollout's T with zeros; with_entropy: the pair
-    (log-probs, entropies [n, T] detached), both so padded."""
+    (no compute on padding columns) and padded back to the rollout's T with zeros. share_prompt: each prompt
+    once (shared_prompt_logps), else every row runs prompt + completion (per_token_logps). with_entropy: the
+    pair (log-probs, entropies [n, T] detached), both so padded."""
     T = rollout.completion_ids.size(1)
     ids = rollout.completion_ids[indices]  # [n, T]
     width = max(int(rollout.completion_mask[indices].sum(1).max()), 1)
     groups = rollout.group_index.to(indices.device)[indices]  # [n]
-    if share_prompt:
-        rows, parts = [], []
-        for g in groups.unique(sorted=True).tolist():
-            rows.append((groups == g).nonzero().flatten())
-            prompt = rollout.prompt_ids[g][rollout.prompt_mask[g].bool()]  # [P_g] without padding
-            lengths = rollout.completion_mask[indices[rows[-1]]].sum(1).tolist()
-            out = group_token_logps(model, prompt, ids[rows[-1], :width], temperature, chunk_size, with_entropy,
-                                    lengths)
-            parts.append(out if with_entropy else (out,))
-        order = torch.cat(rows)
-        outs = [torch.zeros(len(indices), width, device=ids.device, dtype=p[0].dtype).index_put((order,), torch.cat(p))
-                for p in zip(*parts)]
+    if share_prompt:  # every prompt of these completions once, the completions on their prompt's cache
+        used, local = groups.unique(sorted=True, return_inverse=True)  # [g] prompts, [n] row of each completion
+        prompt_mask = rollout.prompt_mask[used]
+        keep = int(prompt_mask.sum(1).max())  # drop padding columns every prompt shares
+        lengths = rollout.completion_mask[indices].sum(1).tolist()
+        out = shared_prompt_logps(model, rollout.prompt_ids[used][:, -keep:], prompt_mask[:, -keep:],
+                                  ids[:, :width], local, lengths, temperature, chunk_size, with_entropy)
+        outs = out if with_entropy else (out,)
     else:
         prompt_ids, prompt_mask = rollout.prompt_ids[groups], rollout.prompt_mask[groups]  # [n, P]
         keep = int(prompt_mask.sum(1).max())  # drop padding columns every row shares

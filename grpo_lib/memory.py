@@ -329,7 +329,8 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
                                     if n in lora_targets(config.lora_target_modules))
     components["merged_weights"] = adapted * wb if r > 0 and not four_bit else 0
 
-    # 3) reference pass (no grad) and 4) training, one micro-batch each
+    # 3) reference pass (no grad) and 4) training, one micro-batch each (on the shared-prompt path, a backward
+    # every groups_per_backward groups)
     ckpt = config.gradient_checkpointing
     components["reference_pass"] = _micro_batch(spec, config, P, stream_fp32, ckpt, grad=False)[0]
     with_ckpt = _micro_batch(spec, config, P, stream_fp32, True)
@@ -338,8 +339,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     act_ckpt, act_plain = with_ckpt[0] + with_ckpt[2], without[0] + without[2]  # activations, logits aside
     phases = {"generation": components["kv_cache"] + components["sampling_buffers"] + components["merged_weights"],
               "reference": components["reference_pass"],
-              # the head's backward runs first and frees its logits before any layer's backward starts
-              "training": components["activations"] + max(components["logits"], components["layer_backward"])}
+              "training": _training_phase(with_ckpt if ckpt else without)}
 
     if four_bit and not cpu:
         notes.append(f"embeddings{'' if spec.tie_word_embeddings else ' and lm_head'} are fp32 after peft's "
@@ -357,15 +357,23 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
                   "gradient_accumulation_steps": config.gradient_accumulation_steps,
                   "gradient_checkpointing": ckpt, "share_prompt_forward": config.share_prompt_forward and not ckpt,
                   "backward_per_group": _backward_per_group(config, ckpt),
+                  "groups_per_backward": config.groups_per_backward,
                   "load_in_4bit": four_bit, "lora_r": r, "trainable_params": trainable,
                   "params": spec.num_params, "logprob_chunk_size": config.logprob_chunk_size},
         notes=notes)
 
 
+def _training_phase(micro_batch: tuple[float, float, float]) -> float:
+    """The training phase of _micro_batch's (activations, logits, layer backward): the head's backward runs
+    first and frees its logits before any layer's backward starts."""
+    activations, logits, layer_backward = micro_batch
+    return activations + max(logits, layer_backward)
+
+
 def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointing: bool,
                  grad: bool = True) -> tuple[float, float, float]:
     """(activations, logits, layer backward) bytes of one forward + backward through logprobs.rollout_logps:
-    a micro-batch, or on the shared-prompt path one group of it.
+    a micro-batch, or on the shared-prompt path config.groups_per_backward groups of it.
 
     grad=False: the reference pass (nothing saved: one layer's temporaries, the group's KV cache, the
     logits chunk), returned as the first number.
@@ -380,10 +388,11 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     n, groups, per_group = microbatch_shape(config)
     # the shared-prompt path needs use_cache, which gradient checkpointing switches off (trainer._logps)
     share = config.share_prompt_forward and not checkpointing
-    # it runs one group at a time: a no-grad pass frees each group's temporaries, and training calls backward
-    # after each group, unless top_entropy_quantile < 1 needs the whole micro-batch scored first
-    if share and (not grad or _backward_per_group(config, checkpointing)):
-        n, groups = per_group, 1
+    # a no-grad pass runs the micro-batch at once; training calls backward after every groups_per_backward
+    # groups, unless top_entropy_quantile < 1 needs the whole micro-batch scored first
+    if share and grad and _backward_per_group(config, checkpointing):
+        k = min(config.groups_per_backward, groups)
+        n, groups = per_group * k, k
     tokens = n * T + groups * P if share else n * (P + T)  # tokens one forward runs through the body
     chunk = min(config.logprob_chunk_size, n * T)  # completion positions one output-head call scores
     if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the group's cache
@@ -429,6 +438,7 @@ LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "
 def format_report(report: MemoryReport) -> str:
     """The report as a plain-text table: components by phase, the peak and the verdict."""
     s = report.settings
+    backward = f" (a backward every {s['groups_per_backward']} group(s))" if s["backward_per_group"] else ""
     quant = "nf4 4-bit" if s["load_in_4bit"] else ("fp32" if report.device == "cpu" else "bf16/fp16")
     lines = [
         f"{report.model} ({s['params'] / 1e9:.2f}B params, {quant}), LoRA r={s['lora_r']} "
@@ -437,7 +447,7 @@ def format_report(report: MemoryReport) -> str:
         f"G={s['num_generations']}, prompt ~{s['prompt_tokens']} + completion {s['completion_tokens']} tokens, "
         f"micro-batch {s['micro_batch']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
         f"{', shared prompt forward' if s['share_prompt_forward'] else ''}"
-        f"{' (one backward per group)' if s['backward_per_group'] else ''}",
+        f"{backward}",
         "",
         f"{'component':20} {'alive during':13} {'bytes':>10}",
     ]
@@ -477,6 +487,8 @@ def _verdict(report: MemoryReport) -> str:
 def _options(config, spec: ModelSpec) -> list[tuple[dict, str]]:
     """Single changes that save memory, ordered by how little they change training."""
     out = []
+    if config.groups_per_backward > 1 and _backward_per_group(config, config.gradient_checkpointing):
+        out.append(({"groups_per_backward": 1}, "one group per backward: same math, smaller matrix products"))
     if not config.gradient_checkpointing:
         out.append(({"gradient_checkpointing": True}, "recompute activations in backward: ~30% slower, same math"))
     N = config.batch_size

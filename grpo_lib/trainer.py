@@ -234,18 +234,19 @@ class GRPOTrainer:
     def _backward_parts(self, rollout, idx: torch.Tensor) -> list[torch.Tensor]:
         """The pieces of micro-batch `idx` that each get their own forward + backward.
 
-        On the shared-prompt path, one group each: that path runs the groups one after the other
-        anyway, so a backward after each group frees its activations before the next group's forward
-        (peak activations / groups per micro-batch, each group trimmed to its own longest completion)
-        at no cost in speed. The loss is a sum of per-sequence terms over the micro-batch's
-        normalisers (microbatch_normalizers), so the loss and the gradients are unchanged.
-        With top_entropy_quantile < 1 the micro-batch stays whole: its entropy quantile is taken over all of
-        its tokens (as TRL's over its micro-batch), so they must all be scored before any backward.
+        On the shared-prompt path, config.groups_per_backward groups each: a backward
+        after each piece frees its activations before the next piece's forward, so peak activations are
+        those of one piece, and a piece of several groups runs larger matrix products. The loss is a sum of
+        per-sequence terms over the micro-batch's normalisers (microbatch_normalizers), so the loss and the
+        gradients are unchanged. With top_entropy_quantile < 1 the micro-batch stays whole: its entropy
+        quantile is taken over all of its tokens (as TRL's over its micro-batch), so they must all be scored
+        before any backward.
         """
         if not self._share_prompt or self.config.top_entropy_quantile < 1.0:
             return [idx]
         groups = rollout.group_index.to(idx.device)[idx]
-        return [idx[groups == g] for g in groups.unique(sorted=True).tolist()]
+        kept = groups.unique(sorted=True)
+        return [idx[torch.isin(groups, part)] for part in kept.split(self.config.groups_per_backward)]
 
     @torch.no_grad()
     def _frozen_logps(self, rollout, reference: bool) -> torch.Tensor:

@@ -72,6 +72,8 @@ NO_COUNTERPART: dict[str, tuple[bool, str]] = {
     "logprob_chunk_size": (False, "how the workbench bounds logits memory; TRL computes the same log-probs its way"),
     "share_prompt_forward": (False, "a workbench speed-up with the same math; TRL runs prompt + completion in one "
                                     "forward"),
+    "groups_per_backward": (False, "a workbench speed/memory trade-off with the same math; TRL runs each "
+                                   "micro-batch in one forward"),
     "dynamic_sampling": (True, "TRL 1.16 has no dynamic sampling (DAPO): every sampled group is trained on"),
     "max_resample_rounds": (False, "only used by dynamic_sampling"),
     "saturation_threshold": (False, "TRL runs until max_steps; stop it yourself (python -m grpo_lib doctor on its "

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo_lib.logprobs import group_token_logps, per_token_logps, rollout_logps
+from grpo_lib.logprobs import per_token_logps, rollout_logps, shared_prompt_logps
 from grpo_lib.loss import grpo_loss
 from grpo_lib.sampling import Rollout, completion_mask_from_eos, tokenize_prompts
 
@@ -74,11 +74,12 @@ def test_shared_prompt_gradients_equal_plain(tiny_peft_model, tokenizer):
     assert any(g.abs().sum() > 0 for g in g0)
 
 
-def test_group_logps_single_token_completion(tiny_model, tokenizer):
+def test_shared_prompt_logps_single_token_completion(tiny_model, tokenizer):
     prompt = torch.tensor([5, 6, 7, 8])
     comp = torch.tensor([[9], [10]])
     with torch.no_grad():
-        got = group_token_logps(tiny_model, prompt, comp)
+        got = shared_prompt_logps(tiny_model, prompt[None], torch.ones(1, 4, dtype=torch.long), comp,
+                                  torch.zeros(2, dtype=torch.long))
         full = torch.log_softmax(tiny_model(input_ids=prompt[None]).logits[0, -1], -1)
     torch.testing.assert_close(got[:, 0], full[[9, 10]], rtol=1e-5, atol=1e-5)
 
@@ -184,7 +185,8 @@ def test_length_buckets_give_the_same_log_probs_and_gradients(tiny_peft_model, t
     results = {}
     for bucketed in (True, False):
         tiny_peft_model.zero_grad()
-        logps = group_token_logps(tiny_peft_model, prompt, ids, lengths=lengths if bucketed else None)
+        logps = shared_prompt_logps(tiny_peft_model, prompt[None], torch.ones_like(prompt)[None], ids,
+                                    torch.zeros(6, dtype=torch.long), lengths=lengths if bucketed else None)
         (logps * mask).sum().backward()
         grads = [p.grad.clone() for p in tiny_peft_model.parameters() if p.requires_grad]
         results[bucketed] = (logps, grads)
@@ -192,3 +194,23 @@ def test_length_buckets_give_the_same_log_probs_and_gradients(tiny_peft_model, t
     assert (results[True][0][:, 3:] == 0)[[1, 3, 4]].all(), "the short rows' run stops at its longest, 3"
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_several_prompts_of_different_lengths_in_one_shared_batch(tiny_peft_model, tokenizer):
+    """Completions of two prompts of different lengths (left padding, attention mask) in one shared-prompt
+    batch, rows interleaved: the same log-probs as each row's prompt + completion through the full model."""
+    prompts = ["<|im_start|>user\nWhich is larger, 12 or 40? Think.<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, "cpu")  # [2, P], the second left-padded
+    assert not prompt_mask.all()
+    torch.manual_seed(2)
+    ids = torch.randint(100, 1000, (5, 7))
+    groups = torch.tensor([1, 0, 1, 0, 0])
+    lengths = [7, 3, 2, 7, 5]
+    with torch.no_grad():
+        got = shared_prompt_logps(tiny_peft_model, prompt_ids, prompt_mask, ids, groups, lengths)
+        for i, g in enumerate(groups.tolist()):
+            real = prompt_ids[g][prompt_mask[g].bool()]
+            full = full_logsoftmax_logps(tiny_peft_model, torch.cat([real, ids[i]])[None],
+                                         torch.ones(1, len(real) + 7, dtype=torch.long), 7)[0]
+            torch.testing.assert_close(got[i, :lengths[i]], full[:lengths[i]], rtol=1e-5, atol=1e-5)

@@ -113,10 +113,16 @@ def test_cheaper_knobs_lower_the_prediction():
     for change in (dict(gradient_checkpointing=True), dict(gradient_accumulation_steps=16),
                    dict(max_completion_length=128), dict(num_generations=4), dict(logprob_chunk_size=256)):
         assert memory.estimate(base.replace(**change), "Qwen2.5-1.5B-Instruct").total_bytes < r.total_bytes, change
-    # the shared-prompt path already calls backward once per group: micro-batches of whole groups
-    # (4 prompts, gradient_accumulation_steps 2 or 4) save nothing more; splitting a group does
+    # the shared-prompt path calls backward once every groups_per_backward groups: with one group a backward,
+    # micro-batches of whole groups (4 prompts, gradient_accumulation_steps 2 or 4) train in the same memory;
+    # the reference pass runs a micro-batch at once, so smaller ones shrink it
+    one = base.replace(groups_per_backward=1)
+    r1 = memory.estimate(one, "Qwen2.5-1.5B-Instruct")
+    assert r1.phases["training"] < r.phases["training"]  # the default, 2 groups a backward, holds more
     for ga in (2, 4):
-        assert memory.estimate(base.replace(gradient_accumulation_steps=ga), "Qwen2.5-1.5B-Instruct").phases == r.phases
+        smaller = memory.estimate(one.replace(gradient_accumulation_steps=ga), "Qwen2.5-1.5B-Instruct")
+        assert smaller.phases["training"] == r1.phases["training"]
+        assert smaller.phases["reference"] < r1.phases["reference"]
     ckpt = base.replace(gradient_checkpointing=True)  # no shared prompt: a micro-batch is one backward
     assert (memory.estimate(ckpt.replace(gradient_accumulation_steps=4), "Qwen2.5-1.5B-Instruct").total_bytes
             < memory.estimate(ckpt, "Qwen2.5-1.5B-Instruct").total_bytes)
@@ -128,17 +134,17 @@ def test_top_entropy_quantile_keeps_the_micro_batch_in_one_backward():
     """With top_entropy_quantile < 1 the shared-prompt path calls backward once per micro-batch (the quantile
     is over all its tokens): activations of all its groups at once. 4 prompts in one micro-batch: exactly 4x
     one group's (tokens, keys/values and the prompt's keys all scale with the groups)."""
-    base = GRPOConfig.preset("colab-t4", gradient_checkpointing=False)
+    base = GRPOConfig.preset("colab-t4", gradient_checkpointing=False, groups_per_backward=1)
     spec = "Qwen2.5-1.5B-Instruct"
     per_group = memory.estimate(base, spec)
     whole = memory.estimate(base.replace(top_entropy_quantile=0.2), spec)
     assert base.prompts_per_step == 4 and whole.settings["groups_per_micro_batch"] == 4
     assert whole.components["activations"] == pytest.approx(4 * per_group.components["activations"], rel=1e-9)
     assert whole.components["layer_backward"] > per_group.components["layer_backward"]
-    assert whole.components["reference_pass"] == per_group.components["reference_pass"]  # no grad: group by group
+    assert whole.components["reference_pass"] == per_group.components["reference_pass"]  # no grad: the micro-batch
     assert not whole.settings["backward_per_group"] and per_group.settings["backward_per_group"]
-    assert "one backward per group" in memory.format_report(per_group)
-    assert "one backward per group" not in memory.format_report(whole)
+    assert "a backward every 1 group(s)" in memory.format_report(per_group)
+    assert "a backward every" not in memory.format_report(whole)
     # one group per micro-batch, or the plain path (gradient checkpointing): a backward per micro-batch anyway
     for same in (dict(gradient_accumulation_steps=4), dict(gradient_checkpointing=True)):
         assert (memory.estimate(base.replace(top_entropy_quantile=0.2, **same), spec).phases

@@ -98,10 +98,11 @@ def test_microbatches_give_the_same_update(tokenizer):
 
 @pytest.mark.parametrize("loss_type,ga", [("grpo", 1), ("bnpo", 1), ("dr_grpo", 1), ("dapo", 1), ("bnpo", 2),
                                           ("cispo", 2)])
-def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokenizer, loss_type, ga):
-    """The shared-prompt path calls backward once per group; the plain path once per micro-batch.
-    Same rollout, same initial weights: the summed loss and the accumulated gradients must agree."""
-    cfg = dict(prompts_per_step=4, gradient_accumulation_steps=ga, loss_type=loss_type,
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokenizer, loss_type, ga, k):
+    """The shared-prompt path calls backward once per k groups (groups_per_backward); the plain path once per
+    micro-batch. Same rollout, same initial weights: the summed loss and the accumulated gradients must agree."""
+    cfg = dict(prompts_per_step=4, gradient_accumulation_steps=ga, loss_type=loss_type, groups_per_backward=k,
                max_grad_norm=0.0, seed=5, epsilon_high=5.0 if loss_type == "cispo" else None)
     first = make_trainer(tokenizer, **cfg)
     rows = first.next_rows()
@@ -112,9 +113,10 @@ def test_backward_per_group_gives_the_loss_and_gradients_of_one_backward(tokeniz
         trainer = make_trainer(tokenizer, share_prompt_forward=share, **cfg)
         micro = trainer._microbatches(16)
         parts = [p.tolist() for idx in micro for p in trainer._backward_parts(rollout, idx)]
-        # shared path: one part per group (4 rows each, in order); plain path: one per micro-batch
-        assert parts == ([list(range(g * 4, g * 4 + 4)) for g in range(4)] if share
-                         else [idx.tolist() for idx in micro])
+        # shared path: k groups a part (4 rows each, in order, within a micro-batch); plain path: the micro-batch
+        groups_of = [sorted({i // 4 for i in idx.tolist()}) for idx in micro]
+        assert parts == ([[r for g in gs[j:j + k] for r in range(g * 4, g * 4 + 4)] for gs in groups_of
+                          for j in range(0, len(gs), k)] if share else [idx.tolist() for idx in micro])
         totals, _ = trainer._update(rollout, advantages)  # the step leaves the gradients in .grad
         grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
         results[share] = (totals["loss"], grads)
@@ -450,7 +452,8 @@ def test_top_entropy_quantile_keeps_micro_batches_whole(tokenizer):
     rollout = SimpleNamespace(group_index=torch.arange(4).repeat_interleave(4))  # 4 groups of G = 4
     parts = {}
     for rho in (1.0, 0.5):
-        trainer = make_trainer(tokenizer, top_entropy_quantile=rho, prompts_per_step=4, gradient_accumulation_steps=2)
+        trainer = make_trainer(tokenizer, top_entropy_quantile=rho, prompts_per_step=4, gradient_accumulation_steps=2,
+                               groups_per_backward=1)
         parts[rho] = [p.tolist() for idx in trainer._microbatches(16) for p in trainer._backward_parts(rollout, idx)]
     assert parts[1.0] == [list(range(g * 4, g * 4 + 4)) for g in range(4)]
     assert parts[0.5] == [list(range(8)), list(range(8, 16))]
