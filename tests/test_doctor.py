@@ -83,14 +83,16 @@ def test_healthy_synthetic_run_raises_no_alarm():
 
 def test_main_job_fixture_raises_no_false_alarm():
     """The real main job (cpu-tiny preset, 30 steps; see tests/fixtures/README.md): the format is known from the
-    start, correctness climbs (mean reward 1.4 -> 2.0) and from step 23 on most groups (a median 75%) are
+    start, correctness climbs (mean reward 1.6 -> 2.0) and from step 23 on most groups (a median 88%) are
     all-correct. That saturation is a true finding; it is reported at severity *info* because no 5 steps in a
-    row had >= 90% of the groups saturated (that would make it a warning). The loss ~ beta * KL note is the
-    other info. Any warning or problem would be a false alarm."""
+    row had >= 90% of the groups saturated (that would make it a warning). The entropy fell 6-fold with it: at
+    the maximal reward that is convergence, also *info*. The loss ~ beta * KL note is the third info. Any
+    warning or problem would be a false alarm."""
     config = json.loads((FIXTURES / "main_job_config.json").read_text())
     findings = diagnose(FIXTURES / "main_job_metrics.jsonl", config)
     assert alarms(findings) == {}, format_findings(findings)
-    assert checks(findings) == {"saturation": "info", "loss_zero": "info"}, format_findings(findings)
+    assert checks(findings) == {"saturation": "info", "loss_zero": "info", "entropy_collapse": "info"}, \
+        format_findings(findings)
     sat = next(f for f in findings if f.check == "saturation")
     assert sat.steps == (23, 30) and 0.5 <= sat.figures["saturated_frac"] < 0.9
     # the same log as a metrics table gives the same diagnosis
