@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .rng import forked_rng
+
 # peft asks transformers a deprecated question on every forward of a checkpointed model; not the user's concern
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 # bitsandbytes logs, when transformers imports it, that an optional CPU kernel package is missing; its own
@@ -146,12 +148,15 @@ def load_tokenizer(name_or_path: str):
 
 def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = False, lora_r: int = 16,
                 lora_alpha: int = 32, lora_dropout: float = 0.0, lora_target_modules: str = "all-linear",
-                gradient_checkpointing: bool = False, device: str | None = None, dtype: torch.dtype | None = None):
+                gradient_checkpointing: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
+                seed: int = 0):
     """(model, tokenizer) ready for GRPO.
 
     name_or_path: "smollm2-135m" (embedded, offline), a hub id ("Qwen/Qwen2.5-1.5B-Instruct") or a folder.
     load_in_4bit: frozen base in bitsandbytes nf4 (works on CUDA, and on CPU with bitsandbytes >= 0.45).
     lora_r > 0 wraps the model in a peft LoRA model (only adapters train); lora_r = 0 trains all weights.
+    seed: the LoRA adapters' random initialisation (A; B starts at 0), drawn from its own seeded stream so
+    that a run is reproducible from its config and the caller's random state is left alone.
     """
     from transformers import AutoModelForCausalLM
 
@@ -178,7 +183,8 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
     if lora_r > 0:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout, lora_target_modules))
+        with forked_rng(seed):
+            model = get_peft_model(model, lora_config(lora_r, lora_alpha, lora_dropout, lora_target_modules))
     tokenizer = load_tokenizer(name_or_path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -208,7 +214,7 @@ def load_policy_from_config(config, device: str | None = None):
                        lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                        lora_target_modules=config.lora_target_modules,
                        gradient_checkpointing=config.gradient_checkpointing, device=device,
-                       dtype=compute_dtype(device, config.dtype))
+                       dtype=compute_dtype(device, config.dtype), seed=config.seed)
 
 
 def run_config_of(adapter_dir: str | os.PathLike) -> dict | None:
