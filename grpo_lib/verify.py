@@ -414,7 +414,7 @@ def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, 
     """Run each completion's last ```python block against its row's tests in the sandbox (bounded pool).
     [N] -> [N] SandboxResult (with .reason), None where the row has no tests.
 
-    The asserts are judged outside the program, on plain values it sends back (grpo_lib.sandbox, "How tests
+    The asserts are judged outside the program, on plain values it sends back (grpo_lib.judge, "How tests
     are judged"): a result that is not plain data (an object with a custom __eq__, an int subclass) fails
     the test, with a reason naming it. Write tests as top-level asserts (`assert f(2) == 4`); comparisons
     inside a helper, a loop or a comprehension filter are refused."""
@@ -483,7 +483,7 @@ SUM_LIST_TASK = {
 """prompt (str), tests (assert strings for code_tests_reward's `tests` column), reference (a completion
 that passes every test). E.g. code_tests_reward([p], [completion], tests=[SUM_LIST_TASK["tests"]]).
 No `type(sum_list(...)) is int` test is needed against EQ_HACK_COMPLETION: the sandbox judges the asserts
-itself, on plain values (see grpo_lib.sandbox)."""
+itself, on plain values (see grpo_lib.judge)."""
 
 EQ_HACK_COMPLETION = """Here is a solution that passes every test:
 ```python
