@@ -4,7 +4,8 @@
     python bench/dynamic_sampling.py --steps 20 --eval-every 4 --json bench/dynamic_sampling.json
 
 Both arms: the cpu-tiny preset (the main job: embedded SmolLM2-135M, LoRA r=16, `larger` task, 4 prompts x
-G=8, 24-token completions, beta=0.04), the same seed, each in its own subprocess, one after the other (never
+G=8, 24-token completions, beta=0.04), the same seed (`--seed`: the same data order and LoRA initialisation,
+so the arms differ only in dynamic sampling), each in its own subprocess, one after the other (never
 side by side: two torch processes on 2 cores slow each other several-fold). Arm B sets dynamic_sampling=True
 (max_resample_rounds=3). Every `--eval-every` steps each arm evaluates the same 64 held-out prompts x 2
 samples (grpo_lib.eval.evaluate, its RNG forked, so evaluating changes nothing); the clock counts training
@@ -35,7 +36,7 @@ def run_arm(args) -> dict:
     from grpo_lib.trainer import GRPOTrainer
 
     torch.set_num_threads(args.threads)
-    config = GRPOConfig.preset("cpu-tiny", max_steps=args.steps, **ARMS[args.arm])
+    config = GRPOConfig.preset("cpu-tiny", max_steps=args.steps, seed=args.seed, **ARMS[args.arm])
     model, tokenizer = models.load_policy_from_config(config)
     eval_rows = data.task_rows(config, "test")
     trainer = GRPOTrainer(model, tokenizer, config=config, train_dataset=data.task_rows(config))
@@ -70,6 +71,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=0, help="the config's seed (data order, LoRA initialisation, sampling)")
     p.add_argument("--json", help="write both curves here")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -85,12 +87,13 @@ def main() -> int:
         out = f"/tmp/dynamic_sampling_{arm}_{os.getpid()}.json"
         print(f"{arm}: {ARMS[arm] or 'the main job as it is'}", flush=True)
         subprocess.run([sys.executable, __file__, "--arm", arm, "--out", out, "--steps", str(args.steps),
-                        "--eval-every", str(args.eval_every), "--threads", str(args.threads)], check=True, env=env)
+                        "--eval-every", str(args.eval_every), "--threads", str(args.threads), "--seed", str(args.seed)],
+                       check=True, env=env)
         with open(out) as f:
             results[arm] = json.load(f)["curve"]
 
     plain, dynamic = results["plain"], results["dynamic"]
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; seed {args.seed}, "
           f"{args.steps} steps, held-out correctness on 64 prompts x 2 samples")
     print(f"{'':28}{'plain':>10}{'dynamic':>10}")
     print(f"{'correct before':28}{plain[0]['accuracy']:>10.3f}{dynamic[0]['accuracy']:>10.3f}")
@@ -105,7 +108,7 @@ def main() -> int:
     print(f"{f'correct after {end:.0f} s of training':28}{accuracy_at(plain, end):>10.3f}{accuracy_at(dynamic, end):>10.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "eval_every": args.eval_every, "machine": platform.machine(),
+            json.dump({"steps": args.steps, "eval_every": args.eval_every, "seed": args.seed, "machine": platform.machine(),
                        "cores": os.cpu_count(), "curves": results}, f, indent=1)
     return 0
 
