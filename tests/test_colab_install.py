@@ -45,7 +45,8 @@ def versions(python: Path, *packages: str) -> dict:
 @pytest.mark.slow
 def test_notebook_01_installs_grpo_lib_and_runs_in_a_fresh_colab_like_environment(tmp_path):
     python = venv_python(tmp_path)
-    missing = subprocess.run([str(python), "-c", "import grpo_lib"], capture_output=True)
+    # (cwd outside the clone: `python -c` puts the working directory on sys.path)
+    missing = subprocess.run([str(python), "-c", "import grpo_lib"], capture_output=True, cwd=tmp_path)
     assert missing.returncode != 0, "the fresh environment must not have grpo_lib yet"
     before = versions(python, "torch", "ipywidgets")
 
@@ -61,7 +62,7 @@ def test_notebook_01_installs_grpo_lib_and_runs_in_a_fresh_colab_like_environmen
     assert "SELF-CHECK: True" in done.stdout
 
     installed = subprocess.run([str(python), "-c", "import grpo_lib; print(grpo_lib.__file__)"],
-                               capture_output=True, text=True, check=True).stdout
+                               capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert str(ROOT) not in installed and "site-packages" in installed, "installed from the source, not imported from the clone"
     assert versions(python, "torch", "ipywidgets") == before, "Colab's torch and ipywidgets are kept"
     assert versions(python, "transformers", "peft")["transformers"] == "5.23.0"

@@ -193,7 +193,9 @@ def test_length_buckets_give_the_same_log_probs_and_gradients(tiny_peft_model, t
     torch.testing.assert_close(results[True][0] * mask, results[False][0] * mask, rtol=1e-5, atol=1e-6)
     assert (results[True][0][:, 3:] == 0)[[1, 3, 4]].all(), "the short rows' run stops at its longest, 3"
     for a, b in zip(results[True][1], results[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # float32 sums over a different padded length round differently (1.2e-6 seen in CI); a real bucketing
+        # bug moves gradients by their own size
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-6)
 
 
 def test_several_prompts_of_different_lengths_in_one_shared_batch(tiny_peft_model, tokenizer):

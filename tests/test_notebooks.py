@@ -8,7 +8,8 @@ and sets the preset. Two runs of each notebook:
 - cpu-tiny with the model on a simulated GPU (tests/fake_cuda.py): every cell that mixes the model's device with
   the CPU, or hands a GPU tensor to numpy or matplotlib, fails as it would in Colab;
 - the colab-t4 preset's code path on the CPU: nf4 + LoRA, gradient checkpointing, fp16 compute with loss scaling,
-  G = 8, GSM8K, on the embedded SmolLM2-135M, with completions cut down in length and steps only (COLAB_T4_CUTS).
+  G = 8, GSM8K, on the embedded SmolLM2-135M, with completions cut down in length and steps only (COLAB_T4_CUTS);
+  fp16 matrix products computed the way a GPU's tensor cores do (tests/fp16_matmuls.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests import fp16_matmuls
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -163,7 +166,9 @@ COLAB_T4_CUTS = {"model": "smollm2-135m", "max_completion_length": 48, "max_step
                  "dtype": "float16", "save_steps": 1}
 """The colab-t4 preset on a CPU: a small model, shorter completions, fewer steps; everything else (nf4 + LoRA,
 gradient checkpointing, G = 8, 4 GSM8K prompts a step) is the preset's. fp16 is the T4's compute dtype, which
-"auto" only picks on a GPU, so it is set here; the trainer then scales the loss (torch's CPU GradScaler)."""
+"auto" only picks on a GPU, so it is set here; the trainer then scales the loss (torch's CPU GradScaler). A CPU
+multiplies fp16 matrices ~60x slower than fp32, so the kernel computes them in fp32 and rounds to fp16 as a T4's
+tensor cores do (tests/fp16_matmuls.py); every tensor stays float16."""
 
 
 @pytest.mark.slow
@@ -171,7 +176,7 @@ gradient checkpointing, G = 8, 4 GSM8K prompts a step) is the preset's. fp16 is 
 def test_notebook_runs_on_the_colab_t4_path(path, tmp_path):
     cuts = {k: v for k, v in COLAB_T4_CUTS.items() if k != "model"}
     injected = (run_root_line(path, tmp_path) + f"PRESET = 'colab-t4'\nMODEL = {COLAB_T4_CUTS['model']!r}\n"
-                f"OVERRIDES['colab-t4'] = {{**OVERRIDES['colab-t4'], **{cuts!r}}}")
+                f"OVERRIDES['colab-t4'] = {{**OVERRIDES['colab-t4'], **{cuts!r}}}\n" + fp16_matmuls.notebook_cell())
     nb = execute(path, tmp_path, injected, env={"TOKENIZERS_PARALLELISM": "false"})
     printed = "".join(o.get("text", "") for c in code_cells(nb) for o in c.outputs)
     if "load_in_4bit" in printed:  # the config summary: the preset's settings were used
