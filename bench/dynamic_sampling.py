@@ -1,7 +1,7 @@
 """The main job with and without dynamic sampling: held-out correctness against wall-clock time, in one run.
 
     python bench/dynamic_sampling.py                    # the main job's settings, 30 steps, eval every 5
-    python bench/dynamic_sampling.py --steps 20 --eval-every 4 --json bench/dynamic_sampling.json
+    python bench/dynamic_sampling.py --json bench/dynamic_sampling.json --png bench/dynamic_sampling.png
 
 Both arms: the cpu-tiny preset (the main job: embedded SmolLM2-135M, LoRA r=16, `larger` task, 4 prompts x
 G=8, 24-token completions, beta=0.04), the same seed (`--seed`: the same data order and LoRA initialisation,
@@ -66,6 +66,22 @@ def accuracy_at(curve: list[dict], seconds: float) -> float:
     return max((p for p in curve if p["train_s"] <= seconds), key=lambda p: p["train_s"])["accuracy"]
 
 
+def draw(curves: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for arm, curve in curves.items():
+        ax.plot([p["train_s"] for p in curve], [p["accuracy"] for p in curve], "o-", label=arm)
+    ax.set_xlabel("training seconds (evaluation not counted)"), ax.set_ylabel("held-out correct (64 prompts x 2)")
+    ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
+    ax.set_title("the main job with and without dynamic sampling", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -73,6 +89,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0, help="the config's seed (data order, LoRA initialisation, sampling)")
     p.add_argument("--json", help="write both curves here")
+    p.add_argument("--png", help="draw held-out correctness against training seconds here (the README's figure)")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -106,6 +123,8 @@ def main() -> int:
         print(f"{f'seconds to reach {target:.1f}':28}{fmt(a):>10}{fmt(b):>10}")
     end = min(plain[-1]["train_s"], dynamic[-1]["train_s"])
     print(f"{f'correct after {end:.0f} s of training':28}{accuracy_at(plain, end):>10.3f}{accuracy_at(dynamic, end):>10.3f}")
+    if args.png:
+        draw(results, args.png)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"steps": args.steps, "eval_every": args.eval_every, "seed": args.seed, "machine": platform.machine(),
