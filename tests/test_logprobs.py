@@ -32,11 +32,16 @@ def make_rollout(tokenizer, G=3, T=6, seed=0):
     return Rollout(prompts, prompt_ids, prompt_mask, ids, mask, [""] * 2 * G, truncated, G)
 
 
+def full_inputs(r: Rollout):
+    """Each completion after its own copy of its prompt: input_ids, attention_mask [N, P + T]."""
+    return (torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1),
+            torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1))
+
+
 def test_per_token_logps_equals_full_log_softmax(tiny_peft_model, tokenizer):
     r = make_rollout(tokenizer)
     idx = torch.arange(6)
-    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
-    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    input_ids, attn = full_inputs(r)
     with torch.no_grad():
         expected = full_logsoftmax_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7)
         got = per_token_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7, chunk_size=5)
@@ -116,8 +121,7 @@ def full_entropies(model, input_ids, attention_mask, T, temperature=1.0):
 def test_entropies_equal_the_full_categorical_entropy(tiny_peft_model, tokenizer, grad, chunk_size):
     r = make_rollout(tokenizer)
     idx = torch.arange(6)
-    input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
-    attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
+    input_ids, attn = full_inputs(r)
     with torch.no_grad():
         expected = full_entropies(tiny_peft_model, input_ids, attn, 6, temperature=0.7)
         expected_logps = full_logsoftmax_logps(tiny_peft_model, input_ids, attn, 6, temperature=0.7)

@@ -58,11 +58,11 @@ def test_step_record_is_consistent(tokenizer):
     json.dumps(rec.to_dict())  # serialisable as strict JSON
 
 
-def test_one_step_raises_probability_of_high_advantage_completions(tokenizer):
-    trainer = make_trainer(tokenizer, beta=0.0, learning_rate=1e-4)
-    captured = {}
+def step_capturing_rollout(trainer):
+    """trainer.step(), and the Rollout it sampled: (StepRecord, Rollout)."""
     import grpo_lib.trainer as tr
 
+    captured = {}
     original = tr.sample_groups
 
     def spy(*a, **k):
@@ -71,10 +71,14 @@ def test_one_step_raises_probability_of_high_advantage_completions(tokenizer):
 
     tr.sample_groups = spy
     try:
-        rec = trainer.step()
+        return trainer.step(), captured["rollout"]
     finally:
         tr.sample_groups = original
-    rollout = captured["rollout"]
+
+
+def test_one_step_raises_probability_of_high_advantage_completions(tokenizer):
+    trainer = make_trainer(tokenizer, beta=0.0, learning_rate=1e-4)
+    rec, rollout = step_capturing_rollout(trainer)
     # the same completions scored before (recorded logps) and after the update
     before = torch.tensor([sum(x) for x in rec.token_stats["logp"]])
     with torch.no_grad():
@@ -361,23 +365,9 @@ def test_entropy_mean_is_the_sampling_policys_token_entropy(tokenizer):
     softmax(logits / tau) under the policy that sampled them, computed here with the full logits."""
     import copy
 
-    import grpo_lib.trainer as tr
-
     trainer = make_trainer(tokenizer, temperature=0.8, num_iterations=2)
     sampler = copy.deepcopy(trainer.model)  # the parameters before the step's updates
-    captured = {}
-    original = tr.sample_groups
-
-    def spy(*a, **k):
-        captured["rollout"] = original(*a, **k)
-        return captured["rollout"]
-
-    tr.sample_groups = spy
-    try:
-        rec = trainer.step()
-    finally:
-        tr.sample_groups = original
-    r = captured["rollout"]
+    rec, r = step_capturing_rollout(trainer)
     T = r.completion_ids.size(1)
     input_ids = torch.cat([r.prompt_ids[r.group_index], r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask[r.group_index], r.completion_mask], 1)
