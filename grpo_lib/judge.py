@@ -1,575 +1,419 @@
-"""Judge the asserts of a test outside the program's process, on plain values the program sent back.
+"""Run a row's tests -- the dataset's own, trusted test code -- against a program confined in another process.
 
-    _plan_test(source) -> _Plan                  what the sandbox's child evaluates, and what is judged here
-    _judge(plan, raw_values) -> None | reason    every assert of the test, on the values that came back
+    run_spec(spec, program) -> iterator of (test index, None | why it failed)
+    count_tests(spec) -> int
+    stdout_matches(output, expected) -> bool          stdin/stdout comparison, as APPS's harness does
+    call_output_matches(output, expected) -> bool     call-based comparison, as APPS/TACO's harness does
 
-This is the parent's half of running tests against untrusted code: grpo_lib.sandbox runs the program and the
-leaves of each test in a confined child process and hands the values it reported to _judge. Nothing here
-runs the program's code; this module imports only the standard library (no torch, no grpo_lib), and sandbox
-imports it, never the reverse.
+This is the judge process's half of grpo_lib.sandbox (see its docstring for the processes). The program runs
+confined in its own process P; the tests run here, in the judge process J, which the program cannot reach.
+Every name the program defines is a `Proxy` here: calling it sends the plain arguments to P, where the
+program's function runs, and brings back a plain value (None, bool, int, float, complex, str, bytes and
+lists, tuples, dicts, sets, frozensets of them, read by exact type, so an int subclass is not one), or, for
+anything else (an object of the program's own class, a generator), a handle: another Proxy. So the test code
+runs unchanged -- `def check(candidate): assert candidate(2) == 4` with helpers, loops, all(...),
+math.isclose, random inputs -- and every comparison, truth test and hash happens here, on plain values:
 
-How tests are judged (reward hacking)
--------------------------------------
-A test run inside the program's interpreter could be fooled: `assert add(1, 2) == 3` passes if add returns
-an object whose __eq__ always says True. So the comparison is not made there. The parent splits each
-top-level `assert` (see _plan_test): the child evaluates only the sub-expressions whose values come from the
-program ("leaves": `add(1, 2)`, `s.pop()`, `len(stack)`, `[f(i) for i in range(3)]`) and sends each value
-back as plain data, and the parent evaluates the rest of the assert (==, !=, <, in, is, and/or/not, + - * /,
-abs, len, sorted, round, isinstance, type, math.isclose, ...) on those values itself (see _Judge).
+  - `==`, `<`, `in`, `bool()`, `hash()` of a Proxy never reach the program: a Proxy equals only itself, and
+    its truth value raises TypeError. An object whose __eq__ always says True earns nothing.
+  - What the test asks of a program object runs in P and is the program's answer: calling it, reading an
+    attribute (`s.top`), len(), str(), iterating it (a generator). Each answer comes back plain or as a handle.
+  - The expected values never enter P: only the arguments a test passes travel there.
+  - A stdin/stdout program runs in P with a captured sys.stdin/sys.stdout; its output comes back as a str and
+    is compared here (stdout_matches). Writes to other file descriptors are not its answer.
 
-  - Plain data: None, bool, int, float, complex, str, bytes, and list, tuple, dict, set, frozenset of plain
-    data, read by exact type without calling any of the program's code (its __eq__, __bool__, __hash__,
-    __repr__ never run). Also accepted, as their plain equivalents: collections.Counter, OrderedDict,
-    defaultdict (dict), namedtuples (tuple), dict.keys()/items() views (frozenset). Refused, with a reason
-    naming the value: objects of the program's own classes, subclasses of int, str, list... (`class I(int)`),
-    generators, and anything nested deeper than 40 levels or larger than 1 MB encoded. (The child encodes,
-    grpo_lib.sandbox._make_encoder; _decode reads it back.)
-  - Equality is type-strict (see _canon): numbers compare by value (1 == 1.0 == 1+0j), but a bool is not a
-    number (True != 1), str != bytes, list != tuple, set == frozenset, and so on all the way down. `is None`,
-    `is True` work; a truth test (`assert is_prime(7)`) needs a plain value.
-  - The expected values (`3` above) never enter the program's process, and the child's harness binds what it
-    uses before the program runs (builtins, grpo_lib.sandbox's functions): monkey-patching builtins,
-    __main__, AssertionError or sys.excepthook changes nothing, and sys.exit / os._exit stop the run with the
-    tests that have passed so far. A program that walks stack frames into the harness can still write result
-    lines, but all it can forge is the value of a leaf, which it controls anyway.
+A test that raises fails; its reason is the exception. The program's exceptions reach the test as the
+builtin exception of the same name (so `with pytest.raises(ValueError)`-style tests work), any other as
+ProgramError. The process is killed at the sandbox's deadline, judging included: nothing here needs its own
+time bound.
 
-Limits (each such test fails, with a reason saying what to write instead): only the top level of an assert
-is judged outside, so a comparison, and/or/not, a condition, a comprehension filter or a call such as all(),
-isinstance(), operator.eq() inside a leaf or inside the test's other statements (`if f(1) != 2: raise`,
-`assert g(f(x) == 3)`, `assert all(f(x) == y for ...)`, an assert inside a for loop or a `def check()`) is
-refused. Write one top-level assert per check, or compare whole lists: `assert [f(x) for x in xs] == ys`.
-Operations of the test on an object of the program's own class run in the sandbox where they are the
-program's answer (method calls and attribute reads `s.pop()`, `p.x`, and len, list, sorted, str, sum, min,
-max... of it); the rest (indexing `s[0]`, arithmetic, ==) need a plain value. Function calls made inside a
-leaf are the program's business: a test that asks `f(x).count(3)` gets whatever count the program's object
-reports, unless it is a builtin list, tuple, dict or set, whose comparing methods run only on plain data.
-Each assert's leaves are all evaluated, left to right, before the parent judges it (no short-circuit).
+Spec kinds (built from dataset columns by grpo_lib.verify.test_spec):
+  {"kind": "asserts", "setup": str, "tests": [str, ...]}        one test per snippet (MBPP test_list, `tests`)
+  {"kind": "check", "setup": str, "test": str, "entry_point": str}   HumanEval: `test` then check(entry_point)
+  {"kind": "stdio", "cases": [[stdin, expected stdout], ...]}    APPS/TACO/CodeContests
+  {"kind": "call", "fn_name": str, "cases": [[args, expected], ...]}  APPS/TACO call-based (LeetCode style)
+
+This module imports only the standard library (no torch, no grpo_lib): the sandbox's fork server loads it by
+path into a process started with `python -I -S`.
 """
 
 from __future__ import annotations
 
-import ast
 import builtins
 import json
 import math
-import operator
-from dataclasses import dataclass, field
+import os
 
-# Shared with grpo_lib.sandbox's child, which runs sandbox.py alone (python -I -S) and cannot import this
-# module: both define these two, and tests/test_judge.py checks that they agree.
-_MAX_DEPTH = 40  # containers nested deeper are not plain values
-_METHOD_GUARD = "__sandbox_method__"  # name of the guard for method calls inside leaves (sandbox._make_method_guard)
-
-_MAX_ITEMS = 1_000_000  # largest sequence or range the judge builds
-_MAX_INT_BITS = 1_000_000  # largest int the judge computes with ** or <<
-
-# names a test may use in the judged part of an assert: builtins, which the judge runs itself on plain values
-_SAFE_CALLS = ("abs", "all", "any", "bin", "bool", "chr", "complex", "dict", "divmod", "enumerate", "float",
-               "frozenset", "hex", "int", "isinstance", "len", "list", "max", "min", "oct", "ord", "pow", "range",
-               "repr", "reversed", "round", "set", "sorted", "str", "sum", "tuple", "type", "zip")
-_SAFE_NAMES = _SAFE_CALLS + ("bytes", "slice")
-# applied to a leaf, these run in the sandbox as part of it: len(stack), list(generator), str(obj) are the
-# program's answers (its __len__, __iter__, __str__), not judgements. Their result must be plain.
-_VIEW_CALLS = frozenset({"len", "list", "tuple", "sorted", "set", "frozenset", "dict", "str", "repr", "sum", "min",
-                         "max", "enumerate", "zip", "reversed"})
-# calls that judge (truth, type tests, comparisons): never inside a leaf, where the program's objects could
-# answer them. Names of builtins, and of methods or module functions (operator.eq, numpy.allclose).
-_JUDGE_CALLS = frozenset({"all", "any", "bool", "filter", "isinstance", "issubclass", "callable", "hasattr"})
-_JUDGE_METHODS = frozenset({"eq", "ne", "lt", "le", "gt", "ge", "contains", "truth", "not_", "is_", "is_not",
-                            "countOf", "indexOf", "isclose", "allclose", "array_equal", "__eq__", "__ne__", "__lt__",
-                            "__le__", "__gt__", "__ge__", "__contains__", "__bool__"})
-_MATH_CONSTANTS = frozenset({"pi", "e", "tau", "inf", "nan"})
-_MATH_CALLS = frozenset({"isclose", "sqrt", "isqrt", "floor", "ceil", "trunc", "fabs", "exp", "expm1", "log", "log2",
-                         "log10", "log1p", "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh",
-                         "tanh", "hypot", "degrees", "radians", "gcd", "fsum", "isnan", "isinf", "isfinite",
-                         "copysign", "fmod", "modf", "frexp", "ldexp", "dist", "remainder"})
-
-_WHY_EQ = "a custom __eq__ could fake equality"
-_WHY_ORDER = "a custom __lt__ could fake the order"
-_WHY_IN = "a custom __eq__ or __contains__ could fake membership"
-_WHY_BOOL = "a custom __bool__ could fake the truth"
-_WHY_OP = "its own operators could fake the result"
+SPEC_KINDS = ("asserts", "check", "stdio", "call")
+MAX_REPLY_BYTES = 8_000_000  # one reply of the program; a larger one ends the run (it cannot be read back)
+_MAX_DEPTH = 40  # containers nested deeper are not plain values (the sandbox's encoder uses the same bound)
 
 
-class _Unsupported(Exception):
-    """The test has a form the parent cannot judge (raised while planning)."""
+class ProgramGone(Exception):
+    """The program's process ended (or sent something unreadable) while a test waited for an answer."""
 
 
-class _Fail(Exception):
-    """The test fails; the message is the reason."""
+class ProgramError(Exception):
+    """The program raised an exception that is not a builtin one: 'Name: message'."""
 
 
-@dataclass
-class _Plan:
-    steps: list | None = None
-    """For the child: ["exec", source] | ["eval", [[leaf index, source], ...]], in the order to run them."""
-    checks: list = field(default_factory=list)
-    """(assert test expression node, message or None) judged here, in order."""
-    leaf_of: dict = field(default_factory=dict)
-    """id(node) -> leaf index, for the nodes the child evaluates."""
-    texts: list = field(default_factory=list)
-    """leaf index -> the leaf as the test wrote it, for reasons."""
-    sources: list = field(default_factory=list)
-    """leaf index -> what the child evaluates (method calls guarded, see _Guard)."""
-    tree: object = None
-    """The parsed test: keeps the nodes (whose ids leaf_of holds) alive."""
-    shadowed: frozenset = frozenset()
-    """Names the test's own statements bind (`max = 5`): not the builtins of that name for the judge."""
-    error: str | None = None
-    """Why the test cannot be judged (it then fails without running)."""
+def count_tests(spec: dict) -> int:
+    """How many tests a spec has: one per snippet or case; one for a HumanEval check function."""
+    return 1 if spec["kind"] == "check" else len(spec["tests" if spec["kind"] == "asserts" else "cases"])
 
 
-def _plan_test(source: str) -> _Plan:
-    """Split a test into statements the child runs as they are and asserts the parent judges."""
-    try:
-        tree = ast.parse(source, "<test>")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        return _Plan(error=_describe_exception(e))
-    plan, pending = _Plan(steps=[], tree=tree), []
-    plan.shadowed = frozenset(_bound_names([s for s in tree.body if not isinstance(s, ast.Assert)]))
-    try:
-        for stmt in tree.body:
-            if not isinstance(stmt, ast.Assert):
-                nested = next((n for n in ast.walk(stmt) if isinstance(n, ast.Assert)), None)
-                if nested is not None:
-                    raise _Unsupported(f"an assert inside a {type(stmt).__name__} statement (line {nested.lineno}) "
-                                       f"cannot be judged outside the program's process; write each check as a "
-                                       f"top-level assert")
-                _refuse_judgement(stmt, f"`{_short(stmt)}`")
-                pending.append(_Guard().visit(stmt))
-                continue
-            if pending:
-                plan.steps.append(["exec", ast.unparse(ast.Module(body=pending, type_ignores=[]))])
-                pending = []
-            first = len(plan.texts)
-            _plan_expr(stmt.test, plan)
-            if len(plan.texts) > first:
-                plan.steps.append(["eval", [[j, plan.sources[j]] for j in range(first, len(plan.texts))]])
-            msg = stmt.msg.value if isinstance(stmt.msg, ast.Constant) and isinstance(stmt.msg.value, str) else None
-            plan.checks.append((stmt.test, msg))
-        if pending:
-            plan.steps.append(["exec", ast.unparse(ast.Module(body=pending, type_ignores=[]))])
-    except _Unsupported as e:
-        return _Plan(error=str(e))
-    except Exception as e:  # RecursionError on a deeply nested test, ast.unparse giving up on an f-string
-        return _Plan(error=f"the test could not be prepared for judging: {_describe_exception(e)}")
-    return plan
+# ----------------------------------------------------------------------------------------------
+# the channel to the program's process, and the proxies that stand for its objects
+# ----------------------------------------------------------------------------------------------
 
+class Program:
+    """Requests to the confined process P, one JSON line each way (see grpo_lib.sandbox._serve)."""
 
-def _bound_names(statements: list) -> set:
-    """Names that statements bind (assignments, def, class, for targets, imports other than `import math`)."""
-    names = set()
-    for n in (x for stmt in statements for x in ast.walk(stmt)):
-        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
-            names.add(n.id)
-        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(n.name)
-        elif isinstance(n, ast.ExceptHandler) and n.name:
-            names.add(n.name)
-        elif isinstance(n, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in n.names
-                         if not (isinstance(n, ast.Import) and a.name == "math" and a.asname in (None, "math")))
-        elif isinstance(n, (ast.Global, ast.Nonlocal)):
-            names.update(n.names)
-    return names
+    def __init__(self, request_fd: int, reply_fd: int):
+        self._request_fd = request_fd
+        self._replies = os.fdopen(reply_fd, "rb")
+        self.ended: dict | None = None  # P's last report when it ended: {"exit": wait status, "cpu": seconds}
+        self.objects_seen: list[str] = []  # types of the non-plain answers since the current test began
 
-
-def _short(node: ast.AST, n: int = 80) -> str:
-    text = " ".join(ast.unparse(node).split())
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _describe_exception(e: BaseException) -> str:
-    try:
-        msg = str(e)
-    except BaseException:  # a hostile __str__
-        msg = "<unprintable>"
-    return (type(e).__name__ + (f": {msg}" if msg else ""))[:300]
-
-
-def _is_judged_here(node: ast.expr, shadowed: frozenset = frozenset()) -> bool:
-    """True for the node types the parent evaluates itself; every other sub-expression is a leaf."""
-    if isinstance(node, (ast.Constant, ast.Tuple, ast.List, ast.Set, ast.Dict, ast.UnaryOp, ast.BinOp, ast.BoolOp,
-                         ast.Compare, ast.IfExp, ast.Slice, ast.Subscript, ast.Starred)):
-        return True
-    if isinstance(node, ast.Name):
-        return node.id not in shadowed and (node.id in _SAFE_NAMES or node.id == "math")
-    if isinstance(node, ast.Attribute):
-        return (isinstance(node.value, ast.Name) and node.value.id == "math" and "math" not in shadowed
-                and node.attr in _MATH_CONSTANTS | _MATH_CALLS)
-    if isinstance(node, ast.Call):
-        f = node.func
-        if isinstance(f, ast.Attribute):
-            return (isinstance(f.value, ast.Name) and f.value.id == "math" and "math" not in shadowed
-                    and f.attr in _MATH_CALLS)
-        if not (isinstance(f, ast.Name) and f.id in _SAFE_CALLS and f.id not in shadowed):
-            return False
-        if f.id in _VIEW_CALLS:  # len(stack), list(gen()): the program's answer, evaluated with the leaf
-            args = [a.value if isinstance(a, ast.Starred) else a for a in node.args] + [k.value for k in node.keywords]
-            return all(_is_judged_here(a, shadowed) for a in args)
-        return True
-    return False
-
-
-def _children(node: ast.AST) -> list:
-    """Sub-expressions in the order Python evaluates them."""
-    if isinstance(node, ast.Dict):
-        return [x for k, v in zip(node.keys, node.values) for x in (k, v) if x is not None]
-    if isinstance(node, ast.Call):
-        return [node.func, *node.args, *[k.value for k in node.keywords]]
-    return [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
-
-
-def _plan_expr(node: ast.expr, plan: _Plan, iterated: bool = False) -> None:
-    """Walk the judged part of an assert; make each other sub-expression a leaf. `iterated`: the judge only
-    iterates this value (all(x), any(x)), so the child may send list(x) for a generator or map object."""
-    if _is_judged_here(node, plan.shadowed):
-        iterate = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("all", "any")
-        for child in _children(node):
-            if not (isinstance(node, ast.Call) and child is node.func):
-                _plan_expr(child, plan, iterate and child in node.args)
-        return
-    _refuse_judgement(node, f"`{_short(node)}`")
-    leaf = _Guard().visit(ast.fix_missing_locations(_copy_node(node)))
-    if isinstance(leaf, ast.GeneratorExp):  # all(is_prime(p) for p in ps): send the values, not a generator
-        leaf = ast.ListComp(elt=leaf.elt, generators=leaf.generators)
-    elif iterated and "list" not in plan.shadowed:  # all(map(is_prime, ps))
-        leaf = ast.Call(func=ast.Name(id="list", ctx=ast.Load()), args=[leaf], keywords=[])
-    plan.leaf_of[id(node)] = len(plan.texts)
-    plan.texts.append(_short(node))
-    plan.sources.append(ast.unparse(leaf))
-
-
-def _copy_node(node: ast.AST) -> ast.AST:
-    return ast.parse(ast.unparse(node), mode="eval").body
-
-
-def _refuse_judgement(node: ast.AST, where: str) -> None:
-    """A comparison, truth test or type test that would run in the program's process, where the program's
-    objects could answer it, makes the test unjudgeable: raise _Unsupported saying so."""
-    for n in ast.walk(node):
-        what = None
-        if isinstance(n, ast.Compare):
-            what = "a comparison"
-        elif isinstance(n, ast.BoolOp) or (isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)):
-            what = "and/or/not"
-        elif isinstance(n, (ast.If, ast.IfExp, ast.While, ast.Match)):
-            what = "a condition"
-        elif isinstance(n, ast.comprehension) and n.ifs:
-            what = "a comprehension filter"
-        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in _JUDGE_CALLS:
-            what = f"{n.func.id}()"
-        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _JUDGE_METHODS:
-            what = f".{n.func.attr}()"
-        if what is not None:
-            raise _Unsupported(f"{what} in {where} would run in the program's process, where the program's "
-                               f"objects could fake it; only the top level of an assert is judged outside "
-                               f"(`assert f(x) == y` is, `assert g(f(x) == y)` is not)")
-
-
-def _judge(plan: _Plan, raw_values: dict) -> str | None:
-    """None if every assert of the test holds on the values sent back, else the reason it fails."""
-    judge = _Judge(plan, raw_values)
-    for test, msg in plan.checks:
+    def read(self) -> dict:
+        line = self._replies.readline(MAX_REPLY_BYTES + 1)
+        if not line:
+            raise ProgramGone("the program's process ended")
+        if len(line) > MAX_REPLY_BYTES:
+            raise ProgramGone(f"the program sent a reply over {MAX_REPLY_BYTES} bytes")
         try:
-            if not judge.truth(judge.value(test)):
-                return "AssertionError" + (f": {msg}" if msg else "")
-        except _Fail as e:
-            return str(e)
-        except TimeoutError:
-            raise
-        except Exception as e:  # what Python would raise evaluating the assert on these values
-            return _describe_exception(e)
-    return None
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ProgramGone("the program's process sent an unreadable reply") from None
+        if type(reply) is not dict:
+            raise ProgramGone("the program's process sent an unreadable reply")
+        if "exit" in reply:
+            self.ended = reply
+            raise ProgramGone("the program's process ended")
+        return reply
+
+    def ask(self, request: dict):
+        """Send one request, return its answer as a plain value or a Proxy; raise what the program raised."""
+        data = (json.dumps(request, separators=(",", ":")) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(self._request_fd, data):]
+        except OSError:  # BrokenPipeError: the program's process is gone
+            raise ProgramGone("the program's process ended") from None
+        return self.answer(self.read())
+
+    def answer(self, reply: dict):
+        if "h" in reply:
+            self.objects_seen.append(str(reply.get("type", "object"))[:80])
+        if "ok" in reply:
+            try:
+                return untag(reply["ok"])
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                raise ProgramGone("the program's process sent an unreadable value") from None
+        if "h" in reply:
+            return Proxy(self, ["h", reply["h"]], str(reply.get("type", "object"))[:80])
+        if "err" in reply:
+            raise program_exception(str(reply["err"])[:80], str(reply.get("msg", ""))[:300])
+        raise ProgramGone("the program's process sent an unreadable reply")
 
 
-class _Opaque:
-    """Stands for a value that is not plain. Any use other than `is` fails the test with a reason."""
+def program_exception(name: str, message: str) -> Exception:
+    """The program's exception as this process can raise it: the builtin exception of that name (an
+    Exception subclass: never SystemExit or KeyboardInterrupt, which would stop the judge), else ProgramError."""
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and name.isidentifier():
+        try:
+            return cls(message)
+        except Exception:  # e.g. UnicodeDecodeError needs five arguments
+            pass
+    return ProgramError(f"{name}: {message}" if message else name)
 
-    __slots__ = ("text", "desc", "limit")
 
-    def __init__(self, text: str, desc: str, limit: bool = False):
-        self.text, self.desc, self.limit = text, desc, limit
+class Proxy:
+    """A name or object of the program, living in its process. Calls, attribute reads, len(), str() and
+    iteration are asked of the program; comparisons, truth and hashing are not (see the module docstring)."""
 
-    def refuse(self, why: str = _WHY_OP):
-        if self.limit:
-            raise _Fail(f"result of {self.text} could not be sent back: {self.desc}")
-        raise _Fail(f"result of {self.text} is {self.desc}, not a plain value ({why})")
+    __slots__ = ("_program", "_ref", "_what")
 
-    def __eq__(self, other):
-        self.refuse(_WHY_EQ)
+    def __init__(self, program: Program, ref: list, what: str):
+        self._program, self._ref, self._what = program, ref, what
+
+    def __call__(self, *args, **kwargs):
+        return self._program.ask({"op": "call", "ref": self._ref, "args": tag(list(args)),
+                                  "kwargs": tag(dict(kwargs))})
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._program.ask({"op": "attr", "ref": self._ref, "name": name})
+
+    def _view(self, fn: str):
+        return self._program.ask({"op": "view", "ref": self._ref, "fn": fn})
+
+    def __len__(self) -> int:
+        n = self._view("len")
+        if type(n) is not int:
+            raise TypeError(f"len() of the program's {self._what} did not come back as a plain int")
+        return n
+
+    def __str__(self) -> str:
+        s = self._view("str")
+        if type(s) is not str:
+            raise TypeError(f"str() of the program's {self._what} did not come back as a plain str")
+        return s
+
+    def __iter__(self):
+        it = self._view("iter")
+        if not isinstance(it, Proxy):  # iter() of a program object is always a handle, never plain
+            raise TypeError(f"iter() of the program's {self._what} gave a plain value")
+        return it
+
+    def __next__(self):
+        return self._view("next")
+
+    def __repr__(self) -> str:  # for assertion messages: never asks the program
+        return f"<the program's {self._what}>"
+
+    def __bool__(self):
+        raise TypeError(f"the truth value of the program's {self._what} is not plain data (a custom __bool__ "
+                        f"could fake it); a test needs a plain value here")
+
+    def __eq__(self, other):  # identity only: a custom __eq__ of the program never decides a test
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
 
     __hash__ = object.__hash__
 
 
-def _opaque_refuses(name: str):
-    def method(self, *args):
-        self.refuse()
+# ----------------------------------------------------------------------------------------------
+# plain values on the wire: tagged JSON trees of builtins (the sandbox's encoder writes the same form)
+# ----------------------------------------------------------------------------------------------
 
-    method.__name__ = name
-    return method
-
-
-for _dunder in ("__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__", "__iter__", "__contains__",
-                "__getitem__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-                "__rtruediv__", "__floordiv__", "__mod__", "__pow__", "__neg__", "__abs__", "__index__", "__int__",
-                "__float__", "__complex__", "__round__", "__str__", "__repr__", "__format__"):
-    setattr(_Opaque, _dunder, _opaque_refuses(_dunder))
-del _dunder
-
-
-class _Guard(ast.NodeTransformer):
-    """Inside a leaf, `x.m(args)` becomes `__sandbox_method__(x, 'm', args)`: on a list, tuple, dict or set,
-    methods that compare (count, index, get, ...) run only when the container and the arguments are plain."""
-
-    def visit_Call(self, node: ast.Call) -> ast.AST:
-        self.generic_visit(node)
-        f = node.func
-        if isinstance(f, ast.Attribute):
-            return ast.Call(func=ast.Name(id=_METHOD_GUARD, ctx=ast.Load()),
-                            args=[f.value, ast.Constant(value=f.attr), *node.args], keywords=node.keywords)
-        return node
-
-
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.LShift: operator.lshift,
-           ast.RShift: operator.rshift, ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.BitAnd: operator.and_}
-_UNARYOPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert}
-
-
-class _Judge:
-    """Evaluates the judged part of an assert: builtins and operators on plain values, with type-strict
-    equality (see _canon). Values of leaves come from the child; nothing here runs the program's code."""
-
-    def __init__(self, plan: _Plan, raw_values: dict):
-        self.plan, self.raw = plan, raw_values
-
-    def value(self, node: ast.expr):
-        j = self.plan.leaf_of.get(id(node))
-        if j is not None:
-            return self.leaf(j)
-        return getattr(self, "_" + type(node).__name__)(node)
-
-    def leaf(self, j: int):
-        raw, text = self.raw.get(j), self.plan.texts[j]
-        if raw is None:
-            raise _Fail(f"no value came back for {text}")
-        if raw[0] == "!":  # it raised: the test fails as `assert` would have
-            raise _Fail(raw[1:])
-        if raw[0] in "?#":
-            return _Opaque(text, raw[1:], limit=raw[0] == "#")
-        try:
-            return _decode(raw[1:])
-        except Exception:
-            raise _Fail(f"the value of {text} could not be read back") from None
-
-    def plain(self, v, why: str):
-        if isinstance(v, _Opaque):
-            v.refuse(why)
-        return v
-
-    def truth(self, v) -> bool:
-        return bool(self.plain(v, _WHY_BOOL))
-
-    # --- nodes
-    def _Constant(self, node):
-        return node.value
-
-    def _Name(self, node):
-        return math if node.id == "math" else getattr(builtins, node.id)
-
-    def _Attribute(self, node):
-        return getattr(math, node.attr)
-
-    def _items(self, nodes) -> list:
-        out = []
-        for n in nodes:
-            if isinstance(n, ast.Starred):
-                out.extend(self.iterable(self.value(n.value)))
-            else:
-                out.append(self.value(n))
-        return out
-
-    def iterable(self, v):
-        v = self.plain(v, _WHY_OP)
-        if isinstance(v, range) and len(v) > _MAX_ITEMS:
-            raise _Fail(f"the judge does not expand a range of {len(v)} items")
-        return v
-
-    def _Tuple(self, node):
-        return tuple(self._items(node.elts))
-
-    def _List(self, node):
-        return self._items(node.elts)
-
-    def _Set(self, node):
-        return set(self._items(node.elts))
-
-    def _Dict(self, node):
-        d = {}
-        for k, v in zip(node.keys, node.values):
-            if k is None:
-                d.update(self.plain(self.value(v), _WHY_OP))
-            else:
-                key = self.plain(self.value(k), _WHY_EQ)
-                d[key] = self.value(v)
-        return d
-
-    def _UnaryOp(self, node):
-        v = self.value(node.operand)
-        if isinstance(node.op, ast.Not):
-            return not self.truth(v)
-        return _UNARYOPS[type(node.op)](self.plain(v, _WHY_OP))
-
-    def _BinOp(self, node):
-        a = self.plain(self.value(node.left), _WHY_OP)
-        b = self.plain(self.value(node.right), _WHY_OP)
-        if type(node.op) not in _BINOPS:
-            raise _Fail(f"the judge does not compute {type(node.op).__name__}")
-        _check_size(type(node.op), a, b)
-        return _BINOPS[type(node.op)](a, b)
-
-    def _BoolOp(self, node):
-        v = None
-        for e in node.values:
-            v = self.value(e)
-            if self.truth(v) == isinstance(node.op, ast.Or):
-                return v
-        return v
-
-    def _Compare(self, node):
-        left = self.value(node.left)
-        for op, comp in zip(node.ops, node.comparators):
-            right = self.value(comp)
-            if not self.compare(op, left, right):
-                return False
-            left = right
-        return True
-
-    def compare(self, op, a, b) -> bool:
-        if isinstance(op, ast.Is):
-            return a is b
-        if isinstance(op, ast.IsNot):
-            return a is not b
-        if isinstance(op, (ast.Eq, ast.NotEq)):
-            equal = _canon(self.plain(a, _WHY_EQ)) == _canon(self.plain(b, _WHY_EQ))
-            return equal if isinstance(op, ast.Eq) else not equal
-        if isinstance(op, (ast.In, ast.NotIn)):
-            found = _contains(self.plain(b, _WHY_IN), self.plain(a, _WHY_IN))
-            return found if isinstance(op, ast.In) else not found
-        a, b = self.plain(a, _WHY_ORDER), self.plain(b, _WHY_ORDER)
-        return {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}[type(op)](a, b)
-
-    def _IfExp(self, node):
-        return self.value(node.body) if self.truth(self.value(node.test)) else self.value(node.orelse)
-
-    def _Subscript(self, node):
-        container = self.plain(self.value(node.value), _WHY_OP)
-        return container[self.plain(self.value(node.slice), _WHY_OP)]
-
-    def _Slice(self, node):
-        parts = [None if n is None else self.plain(self.value(n), _WHY_OP) for n in (node.lower, node.upper, node.step)]
-        return slice(*parts)
-
-    def _Call(self, node):
-        f = node.func
-        fn = getattr(math, f.attr) if isinstance(f, ast.Attribute) else getattr(builtins, f.id)
-        args = self._items(node.args)
-        kwargs = {}
-        for k in node.keywords:
-            if k.arg is None:
-                kwargs.update(self.plain(self.value(k.value), _WHY_OP))
-            else:
-                kwargs[k.arg] = self.value(k.value)
-        if fn is type:
-            if len(args) != 1 or kwargs:
-                raise _Fail("the judge calls type() with one argument only")
-            return type(args[0])  # type(<not plain>) is _Opaque: `type(f(x)) is int` is False
-        why = _WHY_BOOL if fn in (all, any, bool) else _WHY_OP
-        args = [self.plain(a, why) for a in args]
-        kwargs = {k: self.plain(v, why) for k, v in kwargs.items()}
-        if fn is range:
-            r = range(*args, **kwargs)
-            if len(r) > _MAX_ITEMS:
-                raise _Fail(f"the judge does not build a range of {len(r)} items")
-            return r
-        if fn is pow and len(args) == 2:
-            _check_size(ast.Pow, *args)
-        for a in args:  # list(range(10**9)), sorted(...): expanding a huge range
-            if isinstance(a, range):
-                self.iterable(a)
-        return fn(*args, **kwargs)
+def tag(x, depth: int = 0):
+    """A trusted value (the test's) as a tagged JSON tree; a Proxy as a reference to the program's object.
+    Raises TypeError for anything else: only plain values travel to the program."""
+    if depth > _MAX_DEPTH:
+        raise TypeError(f"an argument nested more than {_MAX_DEPTH} deep cannot be sent to the program")
+    if isinstance(x, Proxy):
+        return ["H", x._ref]
+    if x is None:
+        return None
+    if isinstance(x, bool):
+        return bool(x)
+    if isinstance(x, str):
+        return str(x)
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float):
+        return float(x)
+    if isinstance(x, complex):
+        return ["c", x.real, x.imag]
+    if isinstance(x, bytes):
+        return ["b", bytes(x).hex()]
+    if isinstance(x, dict):
+        return ["D", [[tag(k, depth + 1), tag(v, depth + 1)] for k, v in x.items()]]
+    for t, code in ((list, "L"), (tuple, "T"), (set, "S"), (frozenset, "F")):
+        if isinstance(x, t):
+            return [code, [tag(v, depth + 1) for v in x]]
+    raise TypeError(f"a value of type {type(x).__name__} cannot be sent to the program: only plain values (None, bool, int, "
+                    f"float, complex, str, bytes, and lists, tuples, dicts, sets of them) and the program's "
+                    f"own objects travel")
 
 
-def _check_size(op: type, a, b) -> None:
-    """Refuse arithmetic whose result would be huge (the values come from the program)."""
-    ints = type(a) in (int, bool) and type(b) in (int, bool)
-    if op is ast.Pow and ints and b > 0 and abs(a) > 1 and a.bit_length() * b > _MAX_INT_BITS:
-        raise _Fail(f"the judge does not compute a power with more than {_MAX_INT_BITS} bits")
-    if op is ast.LShift and ints and b > _MAX_INT_BITS:
-        raise _Fail(f"the judge does not shift by more than {_MAX_INT_BITS} bits")
-    if op is ast.Mod and isinstance(a, (str, bytes)) and ("*" in a if isinstance(a, str) else b"*" in a):
-        raise _Fail("the judge does not format with * widths")  # '%*d' % (10**9, 1): a width from the program
-    if op is ast.Mult:
-        for seq, n in ((a, b), (b, a)):
-            if isinstance(seq, (str, bytes, list, tuple)) and type(n) is int and len(seq) * n > _MAX_ITEMS:
-                raise _Fail(f"the judge does not build a sequence of more than {_MAX_ITEMS} items")
-
-
-def _canon(v):
-    """A key that is equal for equal values, type-strictly: numbers (int, float, complex) compare by value
-    (1 == 1.0), but bool is not a number (True != 1), and str, bytes, list, tuple, dict, set (== frozenset)
-    and None each equal only their own kind, all the way down."""
-    t = type(v)
-    if v is None:
-        return ("None",)
-    if t is bool:
-        return ("bool", v)
-    if t in (int, float, complex):
-        return ("number", v)
-    if t in (str, bytes):
-        return (t.__name__, v)
-    if t in (list, tuple):
-        return (t.__name__, tuple(_canon(x) for x in v))
-    if t in (set, frozenset):
-        return ("set", frozenset(_canon(x) for x in v))
-    if t is dict:
-        return ("dict", frozenset((_canon(k), _canon(x)) for k, x in v.items()))
-    if t is _Opaque:
-        v.refuse(_WHY_EQ)
-    return ("object", v)  # made by the judge (a type, a range): their own equality is trusted
-
-
-def _contains(container, item) -> bool:
-    """`item in container` with _canon's equality; substrings for str and bytes."""
-    if type(container) in (str, bytes):
-        return item in container
-    if isinstance(container, range) and type(item) in (int, float):
-        return item in container
-    key = _canon(item)
-    return any(_canon(x) == key for x in container)
-
-
-def _decode(text: str):
-    """The child's JSON (see grpo_lib.sandbox._make_encoder) back to plain values."""
-    return _untag(json.loads(text), 0)
-
-
-def _untag(x, depth: int):
+def untag(x, depth: int = 0, resolve=None):
+    """A tagged tree back to builtins. `resolve(ref)` turns an ["H", ref] into the object it names (the
+    program's side); without it, references are refused (the judge's side: values only)."""
     if depth > _MAX_DEPTH + 1:
         raise ValueError("too deep")
     t = type(x)
     if x is None or t in (bool, int, float, str):
         return x
     if t is list and len(x) in (2, 3) and type(x[0]) is str:
-        tag = x[0]
-        if tag == "b" and len(x) == 2:
+        code = x[0]
+        if code == "b" and len(x) == 2:
             return bytes.fromhex(x[1])
-        if tag == "c" and len(x) == 3 and all(type(v) in (int, float) for v in x[1:]):
+        if code == "c" and len(x) == 3 and all(type(v) in (int, float) for v in x[1:]):
             return complex(x[1], x[2])
-        if tag == "D" and len(x) == 2:
-            return {_untag(k, depth + 1): _untag(v, depth + 1) for k, v in x[1]}
-        make = {"L": list, "T": tuple, "S": set, "F": frozenset}.get(tag)
+        if code == "H" and len(x) == 2 and resolve is not None:
+            return resolve(x[1])
+        if code == "D" and len(x) == 2:
+            return {untag(k, depth + 1, resolve): untag(v, depth + 1, resolve) for k, v in x[1]}
+        make = {"L": list, "T": tuple, "S": set, "F": frozenset}.get(code)
         if make is not None and len(x) == 2 and type(x[1]) is list:
-            return make(_untag(v, depth + 1) for v in x[1])
+            return make(untag(v, depth + 1, resolve) for v in x[1])
     raise ValueError(f"not an encoded value: {t.__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# running a spec
+# ----------------------------------------------------------------------------------------------
+
+def program_namespace(program: Program, names: dict) -> dict:
+    """The globals the test code starts from: each name the program defined, as a Proxy, or as its plain
+    value when it has one (a constant). Modules the program imported are left out: a test imports its own."""
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    for name, kind in names.items():
+        if kind == "module":
+            continue
+        if isinstance(kind, list) and kind[:1] == ["value"]:
+            try:
+                ns[name] = untag(kind[1])
+                continue
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                pass
+        ns[name] = Proxy(program, ["g", name], f"{name}")
+    return ns
+
+
+def describe(e: BaseException) -> str:
+    """'AssertionError' or 'NameError: name 'x' is not defined' (at most 300 characters)."""
+    msg = str(e)
+    return (type(e).__name__ + (f": {msg}" if msg else ""))[:300]
+
+
+def run_spec(spec: dict, program: Program, names: dict):
+    """Yield (i, None) for each test that passed and (i, reason) for each that failed, in order. Stops early
+    (the remaining tests are not yielded) when the program's process ends."""
+    kind = spec["kind"]
+    if kind in ("asserts", "check"):
+        base = program_namespace(program, names)
+        if spec.get("setup"):
+            try:
+                exec(compile(spec["setup"], "test_setup.py", "exec"), base)
+            except ProgramGone:
+                return
+            except Exception as e:
+                for i in range(count_tests(spec)):
+                    yield i, f"the test's set-up code raised {describe(e)}"
+                return
+        sources = spec["tests"] if kind == "asserts" else [spec["test"] + f"\n\ncheck({spec['entry_point']})\n"]
+        for i, source in enumerate(sources):
+            program.objects_seen = []
+            try:
+                exec(compile(source, f"test_{i}.py", "exec"), dict(base))
+            except ProgramGone:
+                return
+            except Exception as e:
+                yield i, describe(e) + _not_plain_hint(program.objects_seen)
+            else:
+                yield i, None
+    elif kind == "stdio":
+        for i, (stdin, expected) in enumerate(spec["cases"]):
+            try:
+                output = program.ask({"op": "stdio", "stdin": stdin})
+            except ProgramGone:
+                return
+            except Exception as e:
+                yield i, f"the program raised {describe(e)}"
+                continue
+            yield i, None if stdout_matches(output, expected) else f"wrong output: {_clip(output)}"
+    elif kind == "call":
+        fn = _call_target(program, names, spec["fn_name"])
+        for i, (args, expected) in enumerate(spec["cases"]):
+            try:
+                if fn is None:
+                    raise NameError(f"the program defines no function or Solution method {spec['fn_name']!r}")
+                output = fn(*args)
+            except ProgramGone:
+                return
+            except Exception as e:
+                yield i, describe(e)
+                continue
+            yield i, None if call_output_matches(output, expected) else f"returned {_clip(repr(output))}"
+    else:
+        raise ValueError(f"unknown spec kind {kind!r}; one of {SPEC_KINDS}")
+
+
+def _not_plain_hint(types: list[str]) -> str:
+    """Why a test that got objects instead of plain values probably failed, naming them."""
+    if not types:
+        return ""
+    names = ", ".join(dict.fromkeys(types))
+    return (f" (the program answered with {names}, not plain data: its own __eq__, __bool__ or __hash__ "
+            f"never decides a test)")
+
+
+def _call_target(program: Program, names: dict, fn_name: str):
+    """The function a call-based case calls: a top-level function, or a method of `class Solution`
+    (LeetCode-style rows), as APPS/TACO's harness looks it up."""
+    if fn_name in names and names[fn_name] != "module":
+        return Proxy(program, ["g", fn_name], fn_name)
+    if "Solution" in names:
+        try:
+            return getattr(Proxy(program, ["g", "Solution"], "Solution")(), fn_name)
+        except (ProgramGone, Exception):
+            return None
+    return None
+
+
+def _clip(text: str, n: int = 80) -> str:
+    text = str(text).replace("\n", "\\n")
+    return text if len(text) <= n else text[:n] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing outputs as the datasets' harnesses do
+# ----------------------------------------------------------------------------------------------
+
+def as_text(value) -> str:
+    """An `input_output` input or output as text: a list of lines is joined with newlines (APPS stores both)."""
+    if isinstance(value, list):
+        return "\n".join(str(v) for v in value)
+    return str(value)
+
+
+def stdout_matches(output, expected) -> bool:
+    """APPS's stdin/stdout comparison (testing_util.py): equal after stripping, or line by line with each line
+    stripped (blank lines ignored), or token by token, where tokens that are all numbers compare as
+    np.allclose does (|a - b| <= 1e-8 + 1e-5 * |b|)."""
+    if type(output) is not str:
+        return False
+    expected = as_text(expected)
+    if output.strip() == expected.strip():
+        return True
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    want = [line.strip() for line in expected.strip().splitlines() if line.strip()]
+    if lines == want:
+        return True
+    got, exp = output.split(), expected.split()
+    if got == exp:
+        return True
+    if len(got) != len(exp):
+        return False
+    try:
+        a, b = [float(t) for t in got], [float(t) for t in exp]
+    except ValueError:
+        return False
+    return all(math.isfinite(x) and math.isfinite(y) and abs(x - y) <= 1e-8 + 1e-5 * abs(y) for x, y in zip(a, b))
+
+
+def _listify(x):
+    """Tuples as lists, all the way down (JSON has no tuples: a dataset's expected value never holds one)."""
+    if isinstance(x, (list, tuple)):
+        return [_listify(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _listify(v) for k, v in x.items()}
+    return x
+
+
+def call_output_matches(output, expected) -> bool:
+    """APPS/TACO's call-based comparison: the return value (tuples read as lists) equals the expected value, or
+    its only element when the dataset wrapped it in a list (`outputs: [[3]]` for a function returning 3).
+    A Proxy (not plain data) never matches."""
+    if isinstance(output, Proxy) or _holds_proxy(output):
+        return False
+    out = _listify(output)
+    if out == expected:
+        return True
+    return isinstance(expected, list) and len(expected) == 1 and out == expected[0]
+
+
+def _holds_proxy(x, depth: int = 0) -> bool:
+    if isinstance(x, Proxy):
+        return True
+    if depth > _MAX_DEPTH or not isinstance(x, (list, tuple, set, frozenset, dict)):
+        return False
+    items = list(x.items()) if isinstance(x, dict) else list(x)
+    return any(_holds_proxy(v, depth + 1) for v in items)

@@ -1,71 +1,80 @@
-"""Run untrusted Python (model-generated code) against test cases in a separate, limited process.
+"""Run untrusted Python (model-generated code) against a dataset's tests, confined in a separate process.
 
-    run_untrusted(code, tests, limits) -> SandboxResult(passed, total, reason, output, ...)
-    run_many([(code, tests), ...], limits, max_workers, deadline_s) -> [SandboxResult]   (bounded pool)
+    run_untrusted(code, spec, limits, stdio=False) -> SandboxResult(passed, total, reason, failures, ...)
+    run_many([(code, spec), ...], limits, max_workers, deadline_s) -> [SandboxResult]   (bounded pool)
 
-`tests` are Python snippets, usually one `assert` each; a test passes if, after the code ran, its statements
-run without raising and each of its asserts holds, judged in the parent process (grpo_lib.judge) on plain
-values the program sent back (see "How tests are judged" below).
+`spec` is a test spec (grpo_lib.judge: assert snippets, a HumanEval check function, stdin/stdout or call-based
+cases) or, as a shorthand, a list of assert snippets. grpo_lib.verify builds specs from dataset columns.
 
-Each program runs as `python -I -S -B sandbox.py --child <payload>`: isolated mode (no PYTHON* variables,
-no user site), no site-packages (standard library only), no .pyc writes. The child reads its payload,
-confines itself (below), runs the code and the tests, and reports each step on a private pipe, every line
-prefixed by a per-run random nonce so that text the program prints or writes to other descriptors is never
-taken for a result. The parent enforces the wall clock and the output cap.
+The processes of one run
+------------------------
+    trainer (T) ──job──► fork server (Z) ──fork──► judge (J) ──fork──► program (P)
+        ▲                                             │  ▲                  │
+        └──────── verdicts, one line per test ────────┘  └─ plain values ───┘
+        ▲
+        └──────── the program's stdout+stderr (capped) ─────────────────────┘
+
+  Z  `python -I -S -B sandbox.py --fork-server`, started once per trainer process: isolated mode, no
+     site-packages, the standard-library modules of `SandboxLimits.preimport` loaded once. It never reads a
+     program or a test: for each job it receives only pipe ends and the limits, and forks J. So a run costs a
+     fork, not an interpreter start (see bench/code_reward.py).
+  J  the judge: forks P first, before it reads anything, so that nothing of the tests is in P's memory; then
+     reads the tests and runs them (trusted dataset code) with grpo_lib.judge, where every name the program
+     defines is a proxy whose calls travel to P as plain values and come back as plain values. Every
+     comparison happens in J. J runs as the trainer's user but is bounded like the rest: T kills J's process
+     group (J, P and whatever P started) at the deadline, judging included.
+  P  the program: confines itself (below), reads the code, runs it, reports the isolation layers that engaged
+     as its first line (before any program code runs, so they cannot be forged), then answers J's requests
+     (call, attribute, len/str/iter/next, a run on given stdin) until J closes the pipe.
+
+T reads two pipes with caps and a deadline: J's verdict lines (only J holds that pipe) and P's stdout+stderr.
 
 What is isolated, and where
 ---------------------------
-Checked on Linux as root with CAP_SYS_ADMIN (this dev container) by tests/test_sandbox.py. Every run
-reports the layers that actually engaged in `SandboxResult.isolation`; check it on a new platform.
+Checked on Linux as root with CAP_SYS_ADMIN (this dev container) by tests/test_sandbox.py. Every run reports
+the layers that actually engaged in `SandboxResult.isolation`; check it on a new platform.
 
   every POSIX platform
-    - separate process in a new session; the parent kills the whole process group (SIGKILL) at the
-      wall-clock limit, so the harness never waits longer than `timeout_s` (+ ~0.1 s) per program
-    - rlimits: CPU seconds, address space (memory), size of any written file, open files, no core
-      dumps; macOS does not enforce RLIMIT_AS, so memory is not limited there
-    - environment: PATH, HOME=TMPDIR=<temp dir>, LANG only, so no API keys or tokens are inherited
-    - working directory: a fresh tempfile.mkdtemp(), removed afterwards; stdin is /dev/null
-    - stdout+stderr and the result pipe are read with caps; past `max_output_bytes` the program is killed
-    - Python audit hook (sys.addaudithook), installed before the program runs: blocks process creation
-      (os.fork, os.system, exec*, posix_spawn, subprocess), signals (os.kill, killpg, pthread_kill),
-      every socket operation, ctypes, resource.setrlimit, os.chdir, os.link/symlink, gc and
-      sys._current_frames introspection, writes, deletes, renames, chmod etc. outside the temp dir, reads
-      and listings outside the temp dir and the standard library (so no ~/.netrc,
-      ~/.cache/huggingface/token, /proc/<pid>/environ), os.open outside the temp dir, paths that are not
-      str or bytes (pathlib.Path too: its __fspath__ could answer differently at the check and at the
-      open), and re-importing the modules whose unaudited escape hatches it deletes (os.setsid, setpgid,
-      setpgrp, pidfd_open, signal.pidfd_send_signal, _posixsubprocess, ctypes).
-      CPython documents audit hooks as *not* a sandbox: code that corrupts interpreter memory can get
-      past them. They are defense in depth; the kernel layers below are the boundary where available.
+    - separate process in its own session; T kills the whole process group (SIGKILL) at the wall-clock
+      limit, so the harness never waits longer than `timeout_s` (+ ~0.1 s) per program
+    - rlimits: CPU seconds, address space (memory), size of any written file, open files, no core dumps
+    - environment: PATH, HOME=TMPDIR=<temp dir>, LANG only: no API keys or tokens are inherited
+    - working directory: a fresh temp dir, removed afterwards without following links and without recursion
+      (a 2,500-deep tree is removed like a flat one); stdin is /dev/null; every other descriptor is closed
+    - Python audit hook (sys.addaudithook), installed before the program runs: blocks process creation,
+      signals, sockets, ctypes, setrlimit, chdir, links, sqlite3, gc and sys._current_frames introspection,
+      writes and deletes outside the temp dir, reads and listings outside the temp dir and the standard
+      library, os.open outside the temp dir, paths that are not str or bytes, and re-importing the modules
+      whose escape hatches are deleted. Functions that raise no audit event are deleted before the program
+      runs: os.setsid/setpgid/setpgrp (leaving the process group), os.mknod/mkfifo (files outside the temp
+      dir), os.pidfd_open, and the loaders of native code (_imp.create_dynamic, create_builtin, exec_dynamic,
+      exec_builtin): no extension module (cffi, _posixsubprocess, _posixshmem, _sqlite3, a .so the program
+      wrote) and no fresh copy of posix can be loaded, whatever files the host's Python installation lets the
+      sandbox user read. CPython documents audit hooks as *not* a sandbox: code that corrupts interpreter memory
+      can get past them; they are defense in depth, the kernel layers below are the boundary where available.
   Linux, parent running as root (containers, Colab)
-    - the child drops to uid/gid `sandbox_uid` (65534, nobody) with no supplementary groups: the kernel
-      then refuses signals to the trainer, reading root's files (e.g. /proc/<trainer>/environ, /root),
-      writing outside world-writable directories, and enforces RLIMIT_NPROC (root ignores RLIMIT_NPROC).
-      Where the interpreter's files are unreadable to that uid (e.g. a pyenv under /root, as here), the
-      program can import only the modules in `SandboxLimits.preimport`; stdlib in /usr (Colab) is fine.
+    - P drops to uid/gid `sandbox_uid` (65534, nobody) with no supplementary groups: the kernel then refuses
+      signals to the trainer and J, reading root's files, writing outside world-writable directories, and
+      enforces RLIMIT_NPROC. Where the interpreter's files are unreadable to that uid (a pyenv under /root, as
+      here), the program can import only what was loaded before the drop; on Colab (stdlib in /usr) the
+      pure-Python standard library is importable, native code still is not (above).
   Linux, where unshare(2) is permitted (root with CAP_SYS_ADMIN, or unprivileged user namespaces)
     - network namespace: only a loopback interface that is down, so every connection fails
     - PID namespace: the program is pid 1 of its own namespace, sees no other pid to signal, and when it
-      dies (or its supervisor is killed) the kernel kills every process it left behind
+      dies (or its supervisor is killed) the kernel kills every process it left behind. The supervisor
+      reports the program's exact wait status to J (an exit code of 200 is an exit code, not a signal).
     Docker's default seccomp profile, and hence many hosted notebooks, refuse unshare: there `isolation`
     lacks "netns"/"pidns" and network access is blocked only by the audit hook. Not tested on Colab.
-  Linux, not root, no namespaces: RLIMIT_NPROC counts all of the user's processes, and nothing but the
-    audit hook keeps the program from signalling or reading the files of processes of the same user.
 
 Not isolated anywhere: CPU and memory bandwidth (a program can slow the machine for `timeout_s`); at the
-kernel level, the process list and command lines in /proc, world-writable directories such as /tmp and
-/dev/shm (writable as uid 65534), and device files such as /dev/nvidia* (all blocked only by the audit
-hook); disk space: `max_file_bytes` bounds each file, not their number, while the program runs (the temp
-dir is removed after). Windows is not supported.
+kernel level, the process list in /proc and world-writable directories such as /tmp and /dev/shm (blocked by
+the audit hook and the deleted functions only); disk space: `max_file_bytes` bounds each file, not their
+number, while the program runs. Windows is not supported.
 
-How tests are judged (reward hacking)
--------------------------------------
-Not in the program's process, where an object whose __eq__ always says True would pass any test:
-grpo_lib.judge splits each assert (_plan_test); the child evaluates only the sub-expressions whose values
-come from the program ("leaves") and sends each back as plain data (_make_encoder: exact builtin types, read
-without calling any of the program's code), and the parent judges the rest of the assert on those values
-(_judge). What counts as plain data, the type-strict equality, and the forms of test that cannot be judged
-(each such test fails, with a reason saying what to write instead) are in grpo_lib.judge's docstring.
+How tests are judged (reward hacking): see grpo_lib.judge. In short: the test code runs in J, the program in
+P; only plain values cross (exact builtin types, read without calling the program's code), so an object with
+a custom __eq__/__bool__/__hash__, an int or str subclass, output forged on any descriptor, or a program that
+walks stack frames earns nothing: the expected values are never in P, and no verdict is computed there.
 """
 
 from __future__ import annotations
@@ -78,26 +87,28 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 if __name__ != "__main__":
-    # Parent-only modules. The child runs this file alone as a script (python -I -S: grpo_lib is not
-    # importable there; the judge is the parent's) and must not hold subprocess (whose
-    # _posixsubprocess.fork_exec is not audited) where the program could reach it through __main__.
-    import secrets
+    # Parent-only modules (T). Z, J and P run this file alone as a script (python -I -S: grpo_lib is not
+    # importable there); P must not hold subprocess (whose _posixsubprocess.fork_exec is not audited).
+    import atexit
     import selectors
-    import shutil
+    import socket
     import subprocess
     import tempfile
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from grpo_lib.judge import _judge, _plan_test
+    from grpo_lib import judge as _judge_module
 
 
-# Standard-library modules imported before the child drops privileges: after the drop the interpreter's
-# files may be unreadable to sandbox_uid (e.g. a pyenv under /root); then a program can import only these.
+# Standard-library modules imported before P drops privileges: after the drop the interpreter's files may be
+# unreadable to sandbox_uid (e.g. a pyenv under /root); then a program can import only these.
 PREIMPORT = ("abc", "array", "base64", "bisect", "calendar", "cmath", "collections", "contextlib", "copy",
              "dataclasses", "datetime", "decimal", "encodings.idna", "enum", "fractions", "functools",
              "glob", "hashlib", "heapq", "itertools", "json", "math", "numbers", "operator", "pprint",
              "queue", "random", "re", "shutil", "socket", "statistics", "string", "struct", "textwrap",
-             "threading", "time", "traceback", "typing", "unicodedata", "warnings", "weakref")
+             "threading", "time", "traceback", "typing", "unicodedata", "warnings", "weakref",
+             # builtin and extension modules: no other can be loaded once P deleted the loaders of native code
+             "gc", "errno", "binascii", "zlib", "csv", "pickle", "io", "locale", "select", "sys")
 
 
 @dataclass(frozen=True)
@@ -137,18 +148,20 @@ class SandboxLimits:
 @dataclass
 class SandboxResult:
     passed: int
-    """Tests whose statements ran without raising and whose asserts held (judged on plain values)."""
+    """Tests that passed (judged on plain values, outside the program)."""
     total: int
-    """Number of tests."""
+    """Number of tests (one for a HumanEval check function; one per snippet or case otherwise)."""
     reason: str
     """Why: 'ok: 3/3 tests passed', 'solution raised ...', 'wall-clock time limit ...', '1/3 tests failed;
-    first: test 2: result of add(1, 2) is A, not a plain value (a custom __eq__ could fake equality)', ..."""
+    first: test 2: AssertionError (the program answered with A, not plain data: ...)', ..."""
     output: str = ""
     """Beginning of the program's stdout+stderr (at most max_output_bytes)."""
     wall_s: float = 0.0
     cpu_s: float = 0.0
     isolation: tuple[str, ...] = field(default_factory=tuple)
     """Layers that engaged, e.g. ('session', 'rlimits', 'netns', 'pidns', 'uid=65534', 'audit_hook')."""
+    failures: list[str] = field(default_factory=list)
+    """'test i: why' for each test that was judged and failed (tests never reached are in `reason`)."""
 
     @property
     def fraction(self) -> float:
@@ -157,63 +170,82 @@ class SandboxResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# parent: start one program, read its pipes with caps, kill its process group, summarize
+# T: the trainer's side
 # ----------------------------------------------------------------------------------------------
 
-_RESULT_CAP = 8_000_000  # bytes accepted on the result pipe (the tests' values travel on it)
-_EXIT_GRACE_S = 1.0  # after both pipes closed, how long a program may take to exit before it is killed
+_VERDICT_CAP = 4_000_000  # bytes of verdict lines accepted from J
+_WAIT_AFTER_DONE_S = 0.2  # after J's "done", how long P's output pipe may stay open
 
 
-def run_untrusted(code: str, tests: list[str], limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code`, then each test in its namespace, in a confined child process.
+def as_spec(tests) -> dict:
+    """A spec (grpo_lib.judge) from a spec or a list of assert snippets."""
+    if isinstance(tests, dict):
+        if tests.get("kind") not in _judge_module.SPEC_KINDS:
+            raise ValueError(f"test spec kind {tests.get('kind')!r}: expected one of {_judge_module.SPEC_KINDS}")
+        return tests
+    return {"kind": "asserts", "setup": "", "tests": [str(t) for t in tests]}
 
-    Never raises for anything the program does and never waits past limits.timeout_s (+ ~0.1 s);
-    a failure of the harness itself comes back as passed=0 with reason 'harness error: ...'.
-    """
+
+def run_untrusted(code: str, tests, limits: SandboxLimits | None = None, stdio: bool | None = None) -> SandboxResult:
+    """Run `code` and judge it on `tests` (a spec, or a list of assert snippets), confined.
+
+    stdio: run the program once per stdin case instead of importing it (default: the spec is a stdio one).
+    Never raises for anything the program does and never waits past limits.timeout_s (+ ~0.1 s), judging
+    included; a failure of the harness itself comes back as passed=0 with reason 'harness error: ...'."""
     limits = limits or SandboxLimits()
-    tests = [str(t) for t in tests]
     start = time.monotonic()
     workdir = None
     try:
+        spec = as_spec(tests)
+        total = _judge_module.count_tests(spec)
+    except (ValueError, KeyError, TypeError) as e:
+        return SandboxResult(0, 0, f"harness error: bad test spec: {e}")
+    stdio = spec["kind"] == "stdio" if stdio is None else stdio
+    try:
         workdir, uid = _make_workdir(limits)
-        result = _run_in(workdir, uid, code, tests, limits)
+        result = _run_in(workdir, uid, code, spec, total, stdio, limits)
     except TimeoutError:  # the trainer's reward timeout (SIGALRM in rewards.py) must reach the trainer
         raise
     except Exception as e:  # the training loop must survive anything else here
-        result = SandboxResult(0, len(tests), f"harness error: {type(e).__name__}: {e}")
+        result = SandboxResult(0, total, f"harness error: {type(e).__name__}: {e}")
     finally:
         if workdir is not None:
-            _remove_workdir(workdir)
+            remove_tree(workdir)
     result.wall_s = time.monotonic() - start
     return result
 
 
 def run_many(jobs, limits: SandboxLimits | None = None, max_workers: int | None = None,
              deadline_s: float | None = None) -> list[SandboxResult]:
-    """run_untrusted over [(code, tests), ...] with at most `max_workers` programs at once (threads that
-    each wait on one child process). With `deadline_s`, each program's wall limit is cut to the time left
-    and programs that would start after the deadline are not run (passed=0, reason says so), so the call
-    returns within about deadline_s + 0.2 s. Results are in the order of `jobs`."""
+    """run_untrusted over [(code, tests), ...] or [(code, tests, stdio), ...] with at most `max_workers`
+    programs at once (threads that each wait on one job). With `deadline_s`, each job's wall limit (judging
+    included) is cut to the time left and jobs that would start after the deadline are not run (passed=0,
+    reason says so), so the call returns within about deadline_s + 0.2 s. Results are in the order of `jobs`."""
     limits = limits or SandboxLimits()
     jobs = list(jobs)
     end = None if deadline_s is None else time.monotonic() + deadline_s
 
     def run_one(job) -> SandboxResult:
-        code, tests = job
+        code, tests, *rest = job
+        stdio = rest[0] if rest else None
         if end is None:
-            return run_untrusted(code, tests, limits)
+            return run_untrusted(code, tests, limits, stdio)
         left = end - time.monotonic()
         if left < 0.05:
-            return SandboxResult(0, len(tests), f"not run: batch time budget deadline_s={deadline_s:g} s used up "
-                                                f"(raise it or max_workers)")
-        return run_untrusted(code, tests, replace(limits, timeout_s=min(limits.timeout_s, left)))
+            try:
+                total = _judge_module.count_tests(as_spec(tests))
+            except (ValueError, KeyError, TypeError):
+                total = 0
+            return SandboxResult(0, total, f"not run: batch time budget deadline_s={deadline_s:g} s used up "
+                                           f"(raise it or max_workers)")
+        return run_untrusted(code, tests, replace(limits, timeout_s=min(limits.timeout_s, left)), stdio)
 
     pool = ThreadPoolExecutor(max_workers=max_workers or default_workers(), thread_name_prefix="sandbox")
     try:
         return list(pool.map(run_one, jobs))
     finally:
-        # interrupted (e.g. by the trainer's reward timeout): drop queued programs, wait for running ones,
-        # each of which ends within its own wall limit
+        # interrupted (e.g. by the trainer's reward timeout): drop queued jobs, wait for running ones, each of
+        # which ends within its own wall limit
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -223,8 +255,8 @@ def default_workers() -> int:
 
 
 def _make_workdir(limits: SandboxLimits) -> tuple[str, int | None]:
-    """A fresh temp dir (mode 0700) owned by the uid the child will drop to; that uid is None when we are
-    not root, or when it cannot own files here (e.g. unmapped in a rootless container)."""
+    """A fresh temp dir (mode 0700) owned by the uid P will drop to; that uid is None when we are not root, or
+    when it cannot own files here (e.g. unmapped in a rootless container)."""
     workdir = tempfile.mkdtemp(prefix="grpo_sandbox_")
     uid = limits.sandbox_uid if hasattr(os, "geteuid") and os.geteuid() == 0 else None
     if uid is not None:
@@ -235,201 +267,438 @@ def _make_workdir(limits: SandboxLimits) -> tuple[str, int | None]:
     return workdir, uid
 
 
-def _remove_workdir(workdir: str) -> None:
-    # make every directory writable first: a program running as our uid may have chmod-ed one to 000
-    for root, dirs, _ in os.walk(workdir):
-        for d in dirs:
+def remove_tree(path: str, max_steps: int = 10_000_000) -> None:
+    """Delete a directory tree the program wrote, as root, safely: one directory descriptor at a time (depth
+    costs neither recursion nor descriptors), never following a symlink (each directory is opened with
+    O_NOFOLLOW relative to its parent's descriptor and chmod-ed through that descriptor), going back up through
+    '..'. Run only after every process that could write there is dead."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    names: list[str] = []  # the path from `path` down to fd, one name per level
+    stuck: set[tuple[int, str]] = set()  # (depth, name) of directories that could not be entered or removed
+    for _ in range(max_steps):
+        try:
+            os.fchmod(fd, 0o700)  # a program running as our uid may have made it unreadable
+        except OSError:
+            pass
+        sub = None
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        if (len(names), entry.name) not in stuck:
+                            sub = entry.name
+                            break
+                    else:
+                        try:
+                            os.unlink(entry.name, dir_fd=fd)
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+        if sub is not None:
             try:
-                os.chmod(os.path.join(root, d), 0o700)
+                child = os.open(sub, flags, dir_fd=fd)
             except OSError:
-                pass
-    shutil.rmtree(workdir, ignore_errors=True)
+                stuck.add((len(names), sub))
+                continue
+            os.close(fd)
+            fd, names = child, names + [sub]
+            continue
+        if not names:
+            break
+        parent = os.open("..", flags, dir_fd=fd)  # '..' of a directory is never a symlink
+        os.close(fd)
+        fd, name = parent, names.pop()
+        try:
+            os.rmdir(name, dir_fd=fd)
+        except OSError:
+            stuck.add((len(names), name))
+    os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _child_env(workdir: str) -> dict[str, str]:
-    """The child's whole environment: nothing from the trainer's (API keys, tokens) is passed on."""
+    """P's whole environment: nothing from the trainer's (API keys, tokens) is passed on."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
 
 
-def _run_in(workdir: str, uid: int | None, code: str, tests: list[str], limits: SandboxLimits) -> SandboxResult:
-    """1) write the payload, 2) start the child, 3) read its pipes until done, the deadline or the output cap,
-    4) kill its process group, 5) summarize what it reported."""
-    nonce = secrets.token_hex(16)
-    result_r, result_w = os.pipe()
+class _ForkServer:
+    """Z, started on first use and again if it died; one per trainer process, shared by the pool's threads.
+    Each job is one SOCK_SEQPACKET message (atomic, so threads need no ordering) carrying five pipe ends."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc = None
+        self._sock = None
+        atexit.register(self.close)
+
+    def submit(self, header: dict, fds: list[int]) -> None:
+        data = json.dumps(header).encode()
+        with self._lock:
+            for attempt in range(2):
+                if self._proc is None or self._proc.poll() is not None:
+                    self._start()
+                try:
+                    socket.send_fds(self._sock, [data], fds)
+                    return
+                except OSError:
+                    if attempt:
+                        raise
+                    self._proc = None
+
+    def _start(self) -> None:
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--fork-server", str(theirs.fileno()),
+                 os.path.abspath(_judge_module.__file__)] + (["debug"] if _DEBUG else []),
+                pass_fds=(theirs.fileno(),), env=_child_env("/"), cwd="/", stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=None if _DEBUG else subprocess.DEVNULL, start_new_session=True)
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # Z exits when its socket reports end-of-file
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+
+_FORK_SERVER = _ForkServer() if __name__ != "__main__" else None
+_DEBUG = os.environ.get("GRPO_SANDBOX_DEBUG") == "1"  # Z and J keep stderr (for debugging the harness itself)
+
+
+def _run_in(workdir: str, uid: int | None, code: str, spec: dict, total: int, stdio: bool,
+            limits: SandboxLimits) -> SandboxResult:
+    """1) five pipes, their far ends to Z, 2) write the code (to P) and the spec (to J), 3) read the verdicts
+    and the output until done, the deadline or a cap, 4) kill J's process group, 5) summarize."""
+    deadline = time.monotonic() + limits.timeout_s
+    code_r, code_w = os.pipe()
+    spec_r, spec_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    out_r, out_w = os.pipe()
+    hold_r, hold_w = os.pipe()  # J waits on it before exiting, so its pid (our kill target) stays its own
+    ours, closed, job = [code_w, spec_w, verdict_r, out_r, hold_w], set(), {}
     try:
-        plans = [_plan_test(t) for t in tests]
-        payload = {"code": code, "tests": [p.steps for p in plans], "nonce": nonce, "result_fd": result_w,
-                   "workdir": workdir, "uid": uid, "limits": asdict(limits)}
-        payload_path = os.path.join(workdir, ".payload.json")
-        with open(os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(payload, f)
-        deadline = time.monotonic() + limits.timeout_s
+        header = {"workdir": workdir, "uid": uid, "limits": asdict(limits), "stdio": stdio}
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--child", payload_path],
-                cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, pass_fds=(result_w,), start_new_session=True)
+            _FORK_SERVER.submit(header, [code_r, spec_r, verdict_w, out_w, hold_r])
         finally:
-            os.close(result_w)  # else the result pipe never reports end-of-file
-        out, res, stop = b"", b"", "harness"
-        try:
-            out, res, stop = _collect(proc.stdout.fileno(), result_r, deadline, limits.max_output_bytes)
-        finally:
-            # both pipes closed: the program is exiting; give it a moment (within the deadline) so that its
-            # own exit status is kept
-            exit_code, cpu_s = _stop(proc, min(time.monotonic() + _EXIT_GRACE_S, deadline) if stop is None else 0)
-        return _summarize(_parse_events(res, nonce), stop, exit_code, cpu_s, plans, limits, out)
+            for fd in (code_r, spec_r, verdict_w, out_w, hold_r):
+                os.close(fd)
+        writes = {code_w: json.dumps({"code": code}).encode(), spec_w: json.dumps(spec).encode()}
+        out, verdicts, stop = _exchange(writes, out_r, verdict_r, deadline, limits.max_output_bytes, closed, job)
+        events = [line.split(" ", 3) for line in verdicts.decode("utf-8", "replace").split("\n") if line]
+        return _summarize(events, stop, total, limits, out)
     finally:
-        os.close(result_r)
+        if job.get("pid"):  # also when the trainer's reward timeout interrupts us (TimeoutError)
+            try:
+                os.killpg(job["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for fd in ours:
+            if fd not in closed:  # (a closed number may already be another thread's)
+                os.close(fd)
 
 
-def _collect(out_fd: int, res_fd: int, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
-    """Read the output and result pipes until both close. Stops early with 'timeout' at the deadline or
-    'output' past the cap ('results' past _RESULT_CAP on the result pipe); memory use stays below
-    cap + _RESULT_CAP whatever the program prints."""
-    bufs = {out_fd: bytearray(), res_fd: bytearray()}
-    caps = {out_fd: cap, res_fd: _RESULT_CAP}
+def _exchange(writes: dict[int, bytes], out_fd: int, verdict_fd: int, deadline: float, cap: int, closed: set,
+              job: dict):
+    """Write `writes` (closing each pipe when written) while reading the output and verdict pipes until the
+    verdicts end with 'done' and the output closes (or 0.2 s after 'done'), the deadline, or a cap; the written
+    pipes it closed go into `closed`, J's pid (its first line) into job["pid"] as soon as it arrives. Returns
+    (output, verdicts, stop) with stop None, 'timeout', 'output' or 'verdicts'; memory stays below the caps."""
+    bufs = {out_fd: bytearray(), verdict_fd: bytearray()}
+    caps = {out_fd: cap, verdict_fd: _VERDICT_CAP}
+    done_at = None
     with selectors.DefaultSelector() as sel:
         for fd in bufs:
             sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return bytes(bufs[out_fd]), bytes(bufs[res_fd]), "timeout"
-            for key, _ in sel.select(left):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fd)
+        for fd in writes:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_WRITE)
+        while True:
+            now = time.monotonic()
+            if done_at is None and bufs[verdict_fd].endswith(b"done\n"):
+                done_at = now
+            reading = [fd for fd in bufs if fd in sel.get_map()]
+            if not reading or (done_at is not None and (out_fd not in reading or now - done_at > _WAIT_AFTER_DONE_S)):
+                return bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd]), None
+            if now >= deadline:
+                return bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd]), "timeout"
+            wait = deadline - now if done_at is None else min(deadline - now, _WAIT_AFTER_DONE_S)
+            for key, _ in sel.select(wait):
+                fd = key.fd
+                if fd in writes:
+                    try:
+                        n = os.write(fd, writes[fd])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the reader is gone (a crashed job): nothing more to send
+                        n = len(writes[fd])
+                    writes[fd] = writes[fd][n:]
+                    if not writes[fd]:  # closed now: the reader waits for end-of-file
+                        sel.unregister(fd)
+                        os.close(fd)
+                        closed.add(fd)
                     continue
-                bufs[key.fd] += chunk[: caps[key.fd] + 1 - len(bufs[key.fd])]
-                if len(bufs[key.fd]) > caps[key.fd]:
-                    return bytes(bufs[out_fd][:cap]), bytes(bufs[res_fd]), "output" if key.fd == out_fd else "results"
-    return bytes(bufs[out_fd]), bytes(bufs[res_fd]), None
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(fd)
+                    continue
+                bufs[fd] += chunk[: caps[fd] + 1 - len(bufs[fd])]
+                if fd == verdict_fd and "pid" not in job and b"\n" in bufs[fd]:
+                    first = bufs[fd].split(b"\n", 1)[0].split(b" ")
+                    job["pid"] = int(first[1]) if first[0] == b"pid" and first[1:2] and first[1].isdigit() else None
+                if len(bufs[fd]) > caps[fd]:
+                    return (bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd][:_VERDICT_CAP]),
+                            "output" if fd == out_fd else "verdicts")
 
 
-def _stop(proc, wait_until: float) -> tuple[int, float]:
-    """Wait until `wait_until` (time.monotonic) for the program to exit, kill its process group, reap it;
-    return (exit code, CPU seconds). Exit code -N or 128+N: killed by signal N.
-
-    The group is killed before the leader is reaped: while the leader is an unreaped zombie its pid, and so
-    the group id, cannot be taken by an unrelated process."""
-    pid = proc.pid
-    while time.monotonic() < wait_until and _running(pid):
-        time.sleep(0.005)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    _, status, usage = os.wait4(pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stdout.close()
-    return proc.returncode, usage.ru_utime + usage.ru_stime
-
-
-def _running(pid: int) -> bool:
-    """True while `pid` has not exited; does not reap it (WNOWAIT). Without waitid (macOS): False, so the
-    program is killed at once and an exit by signal may be reported as SIGKILL."""
-    if not hasattr(os, "waitid"):
-        return False
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-
-
-def _parse_events(raw: bytes, nonce: str) -> list[list[str]]:
-    """Result lines are '<nonce> <event> <fields...>'; lines without this run's nonce are ignored."""
-    prefix = nonce + " "
-    lines = raw.decode("utf-8", "replace").split("\n")
-    return [line[len(prefix):].split(" ", 3) for line in lines if line.startswith(prefix)]
-
-
-def _summarize(events, stop, exit_code, cpu_s, plans, limits, out) -> SandboxResult:
-    total = len(plans)
-    ran, raised, values, solution_error, done, layers = set(), {}, {}, None, False, ()
+def _summarize(events: list[list[str]], stop: str | None, total: int, limits: SandboxLimits,
+               out: bytes) -> SandboxResult:
+    """Verdict lines -> SandboxResult. Lines (J's only): 'pid N', 'isolation a,b', 'solution 0 <why>',
+    'test i 1', 'test i 0 <why>', 'exit <wait status> <cpu s>', 'done'."""
+    passed, failures, judged, layers, solution_error, exit_info, done = 0, [], set(), (), None, None, False
     for e in events:
-        i = _index(e[1]) if len(e) > 2 else None
-        if e[0] == "isolation" and len(e) > 1:
+        if e[0] == "isolation" and len(e) > 1 and not layers:
             layers = tuple(x for x in " ".join(e[1:]).split(",") if x)
-        elif e[0] == "solution" and len(e) > 1 and e[1] == "0":
+        elif e[0] == "solution" and len(e) > 2:
             solution_error = " ".join(e[2:])
-        elif e[0] == "test" and i is not None and i < total:
+        elif e[0] == "test" and len(e) > 2 and e[1].isdigit() and int(e[1]) < total and int(e[1]) not in judged:
+            judged.add(int(e[1]))
             if e[2] == "1":
-                ran.add(i)
+                passed += 1
             else:
-                raised.setdefault(i, " ".join(e[3:]))
-        elif e[0] == "value" and i is not None and i < total and len(e) == 4 and e[3]:
-            j = _index(e[2])
-            if j is not None and j < len(plans[i].texts):
-                values.setdefault(i, {}).setdefault(j, e[3])  # the first report of a value counts
+                failures.append(f"test {e[1]}: {e[3] if len(e) > 3 else 'failed'}")
+        elif e[0] == "exit" and len(e) > 2:
+            try:
+                exit_info = (int(e[1]), float(e[2]))
+            except ValueError:
+                pass
         elif e[0] == "done":
             done = True
-    n, first_failure = 0, None
-    for i, plan in enumerate(plans):
-        if plan.error is not None:
-            why = plan.error
-        elif i in raised:
-            why = raised[i]
-        elif i not in ran:
-            continue  # the program stopped before this test (the reason says how)
-        else:
-            why = _judge(plan, values.get(i, {}))
-            if why is None:
-                n += 1
-                continue
-        if first_failure is None:
-            first_failure = f"test {i}: {why}"
+    cpu_s = exit_info[1] if exit_info else 0.0
     if stop == "timeout":
         reason = f"wall-clock time limit: killed after {limits.timeout_s:.3g} s"
     elif stop == "output":
         reason = f"output limit: printed more than {limits.max_output_bytes} bytes"
-    elif stop == "results":
-        reason = f"result limit: the values sent back for the tests exceeded {_RESULT_CAP} bytes"
+    elif stop == "verdicts":
+        reason = f"harness error: the judge's report exceeded {_VERDICT_CAP} bytes"
     elif solution_error is not None:
         reason = f"solution raised {solution_error}"
     elif not done:
-        reason = _describe_exit(exit_code, cpu_s, limits, out)
-    elif n == total:
-        reason = f"ok: {n}/{total} tests passed"
+        reason = "harness error: the judge process ended without a report"
+    elif len(judged) < total:
+        reason = (describe_exit(*exit_info, limits, out) if exit_info else "the program stopped") + \
+            " before the tests finished"
+    elif passed == total:
+        reason = f"ok: {passed}/{total} tests passed"
     else:
-        reason = f"{total - n}/{total} tests failed; first: {first_failure}"
-    return SandboxResult(n, total, reason, out.decode("utf-8", "replace"), cpu_s=cpu_s, isolation=layers)
+        reason = f"{total - passed}/{total} tests failed; first: {failures[0]}"
+    return SandboxResult(passed, total, reason, out.decode("utf-8", "replace"), cpu_s=cpu_s, isolation=layers,
+                         failures=failures)
 
 
-def _index(field: str) -> int | None:
-    return int(field) if field.isascii() and field.isdigit() and len(field) < 9 else None
-
-
-def _describe_exit(code: int, cpu_s: float, limits: SandboxLimits, out: bytes) -> str:
-    sig = -code if code < 0 else code - 128 if code > 128 else 0
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= limits.cpu_s):
-        return f"CPU time limit: used {cpu_s:.1f} s of cpu_s={limits.cpu_s}"
-    if sig:
-        return f"killed by {signal.Signals(sig).name} before the tests finished"
-    tail = out.decode("utf-8", "replace").strip()[-200:]
-    return f"exited with code {code} before the tests finished" + (f": {tail}" if tail else "")
+def describe_exit(status: int, cpu_s: float, limits: SandboxLimits, out: bytes = b"") -> str:
+    """A wait status as words: 'exited with code 200', 'CPU time limit: ...', 'killed by SIGSEGV'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= limits.cpu_s):
+            return f"CPU time limit: used {cpu_s:.1f} s of cpu_s={limits.cpu_s}"
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == 1 and b"MemoryError" in out[-2000:]:
+        return f"memory limit: memory_mb={limits.memory_mb}"
+    return f"exited with code {code}"
 
 
 # ----------------------------------------------------------------------------------------------
-# child: confine this process, then run the program and the tests
+# Z: the fork server
+# ----------------------------------------------------------------------------------------------
+
+def _fork_server_main(sock_fd: int, judge_path: str) -> None:
+    """Load the preimports and grpo_lib.judge (by path: grpo_lib is not importable here), then fork one J per
+    job message until the trainer closes the socket. Children are reaped by the kernel (SIGCHLD ignored)."""
+    import importlib.util
+    import socket as _socket
+
+    for name in PREIMPORT:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    _libc()  # loaded once here; P drops its reference before the program runs
+    spec = importlib.util.spec_from_file_location("grpo_sandbox_judge", judge_path)
+    judge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(judge)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sock = _socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            data, fds, _, _ = _socket.recv_fds(sock, 1 << 20, 8)
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+        if not data:
+            os._exit(0)
+        if len(fds) != 5:
+            for fd in fds:
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            code = 70
+            try:
+                _judge_main(json.loads(data), fds, sock_fd, judge)
+                code = 0
+            except BaseException:
+                if sys.argv[-1:] == ["debug"]:
+                    import traceback
+
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+
+
+def _close_fds_except(keep) -> None:
+    """Close every descriptor but `keep` (the fork server's socket and other jobs' pipes must not leak)."""
+    keep = sorted(set(keep))
+    start = 0
+    for fd in keep + [os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536]:
+        if start < fd:  # (closerange(n, n) closes every descriptor from n on: high - 1 wraps around)
+            os.closerange(start, fd)
+        start = fd + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# J: the judge process
+# ----------------------------------------------------------------------------------------------
+
+_JUDGE_MEMORY = 2 << 30  # J's RLIMIT_AS: the test code and the values it decodes, never the trainer's memory
+
+
+def _judge_main(header: dict, fds: list[int], server_fd: int, judge) -> None:
+    """Fork P, then read the spec, run its tests against P, report: 'pid', 'isolation', 'solution 0 <why>'
+    or 'test i 1|0 <why>' for each test, 'exit <status> <cpu>', 'done'. Then wait for T to close `hold`."""
+    code_r, spec_r, verdict_w, out_w, hold_r = fds
+    os.close(server_fd)
+    os.setsid()  # our pid is the process group T kills: J, P and anything P starts
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # reap P ourselves (Z ignores SIGCHLD)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1) if sys.argv[-1:] == ["debug"] else (0, 1, 2):
+        os.dup2(devnull, std)  # test code that prints must not write into T's pipes
+    request_r, request_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    _close_fds_except({0, 1, 2, code_r, spec_r, verdict_w, out_w, hold_r, request_r, request_w, reply_r, reply_w})
+
+    def emit(*fields) -> None:
+        line = (" ".join(str(f) for f in fields).replace("\n", " ") + "\n").encode("utf-8", "backslashreplace")
+        while line:
+            line = line[os.write(verdict_w, line):]
+
+    emit("pid", os.getpid())
+    pid = os.fork()  # before reading the spec: the expected values must never be in P's memory
+    if pid == 0:
+        try:
+            for fd in (spec_r, verdict_w, hold_r, request_w, reply_r):
+                os.close(fd)
+            _program_main(header, code_r, request_r, reply_w, out_w)
+        finally:  # whatever the program did to this process's modules, it never returns into J's code
+            os._exit(0)
+    for fd in (code_r, request_r, reply_w, out_w):
+        os.close(fd)
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (_JUDGE_MEMORY, _JUDGE_MEMORY))
+    cpu = int(max(10, 4 * header["limits"]["timeout_s"]))  # T kills us at the deadline; this is if T died
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    spec = json.loads(_read_all(spec_r))
+    program = judge.Program(request_w, reply_r)
+    try:
+        first = program.read()
+        emit("isolation", ",".join(str(x) for x in first.get("isolation", [])))
+        started = program.read()
+        if "raised" in started:
+            emit("solution", 0, started["raised"])
+        else:
+            names = started.get("names", {})
+            for i, why in judge.run_spec(spec, program, names if type(names) is dict else {}):
+                emit("test", i, 1) if why is None else emit("test", i, 0, why)
+    except judge.ProgramGone:
+        pass
+    os.close(request_w)  # P's request loop ends; P exits and (with a PID namespace) its supervisor reports
+    while program.ended is None:
+        try:
+            program.read()
+        except judge.ProgramGone:
+            break
+    _, status, usage = os.wait4(pid, 0)
+    if program.ended is not None:  # the supervisor's report: the program's own wait status and CPU time
+        status, cpu = int(program.ended.get("exit", status)), float(program.ended.get("cpu", 0.0))
+    else:
+        cpu = usage.ru_utime + usage.ru_stime
+    emit("exit", status, f"{cpu:.3f}")
+    emit("done")
+    os.read(hold_r, 1)  # until T closes it, after killing our process group
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            os.close(fd)
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# P: the program's process
 # ----------------------------------------------------------------------------------------------
 
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 _PR_SET_PDEATHSIG = 1
+_LIBC = None
 
 _MAX_VALUE_CHARS = 1_000_000  # one value, encoded; larger ones are refused
-# shared with grpo_lib.judge, which plans the leaves and decodes their values: the child cannot import it, so
-# both modules define these two, and tests/test_judge.py checks that they agree
-_MAX_DEPTH = 40  # containers nested deeper are not plain values
-_METHOD_GUARD = "__sandbox_method__"  # name of the guard for method calls inside leaves (see _make_method_guard)
+_MAX_DEPTH = 40  # containers nested deeper are not plain values (grpo_lib.judge uses the same bound)
 
 _BLOCKED_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
     "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "os.link", "os.symlink",
     "resource.setrlimit", "resource.prlimit", "sys._current_frames", "gc.get_objects", "gc.get_referrers",
-    "gc.get_referents",
+    "gc.get_referents", "sqlite3.connect", "sqlite3.connect/handle", "sqlite3.enable_load_extension",
+    "sqlite3.load_extension", "os.add_dll_directory", "mmap.__new__",
 })
 _BLOCKED_PREFIXES = ("socket.", "ctypes.", "_ctypes.")
 # modules the program may not (re)load: unaudited process creation, or a fresh copy of deleted functions
-_BLOCKED_IMPORTS = frozenset({"_posixsubprocess", "subprocess", "multiprocessing", "_multiprocessing",
-                              "ctypes", "_ctypes", "posix", "os", "signal", "_signal", "pty"})
+_UNLOADED = ("ctypes", "_ctypes", "_posixsubprocess", "_posixshmem", "_sqlite3", "sqlite3", "_multiprocessing",
+             "multiprocessing", "subprocess", "mmap")
+_BLOCKED_IMPORTS = frozenset(_UNLOADED + ("posix", "os", "signal", "_signal", "pty", "_imp", "cffi", "_cffi_backend"))
 # event -> positions of its arguments that are paths it creates, changes or deletes
 _PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.chmod": (0,),
                 "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,), "os.setxattr": (0,),
@@ -439,117 +708,211 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _DEVICES = ("/dev/null", "/dev/urandom", "/dev/zero")
 
 
-def _child_main(payload_path: str) -> None:
-    """Entry point of the child: confine, run the code, then each test's statements and leaves (see
-    judge._plan_test), reporting on the result pipe: 'test i 1|0', 'value i j =<plain>|?<why not>|!<exception>'."""
-    # Everything used after the program starts is bound here, before it runs: the program may replace
-    # builtins (exec, str, type), module attributes, or this module's own functions (import __main__).
-    # A program that walks stack frames into this function can still write result lines, but all it can
-    # forge is the value of a leaf, which it controls anyway: the verdicts are computed by the parent.
-    _exec, _compile, _eval, _exit, _dict, _enumerate = exec, compile, eval, os._exit, dict, enumerate
-    _str, _type, _BaseException = str, type, BaseException
-    run_step, flush, guard_name = _run_step, _flush, _METHOD_GUARD
-    with open(payload_path) as f:
-        p = json.load(f)
-    os.remove(payload_path)  # the nonce must not stay readable by the program
-    code, tests = p["code"], tuple(p["tests"])
-    emit = _event_writer(p["result_fd"], p["nonce"])
-    encode, describe = _make_encoder(), _make_describer()
-    method_guard = _make_method_guard(encode)
-    layers = _confine(p)
-    emit("isolation", ",".join(layers))
+
+# attributes of builtin values (and of subclasses of builtins) that P refuses to look up for a test: on a
+# container holding one of the program's objects they would let its __eq__ or __hash__ answer
+_COMPARING_METHODS = frozenset({
+    "count", "index", "remove", "sort", "get", "pop", "setdefault", "fromkeys", "add", "discard", "union",
+    "intersection", "difference", "symmetric_difference", "issubset", "issuperset", "isdisjoint", "update",
+    "intersection_update", "difference_update", "symmetric_difference_update", "find", "rfind", "rindex",
+    "startswith", "endswith", "replace", "split", "partition", "strip", "join"})
+_BUILTIN_VALUES = (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
+# functions that change the process or create files without raising an audit event: deleted before the program
+_UNAUDITED = ("setsid", "setpgid", "setpgrp", "pidfd_open", "pidfd_send_signal", "mknod", "mkfifo", "setns",
+              "unshare", "openpty", "forkpty", "login_tty")
+# loaders of native code and of fresh module copies (an extension the program wrote, posix again)
+_NATIVE_LOADERS = ("create_dynamic", "exec_dynamic", "create_builtin", "exec_builtin")
+
+
+def _program_main(header: dict, code_r: int, request_r: int, reply_w: int, out_w: int) -> None:
+    """Confine, read the code, run it, then answer J's requests until J closes the pipe."""
+    workdir = header["workdir"]
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    os.close(out_w)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(_child_env(workdir))
+    payload = json.loads(_read_all(code_r))
+    layers = _confine(header, reply_w, request_r)
+    send = _reply_writer(reply_w)
+    send({"isolation": layers})
+    _run_program(payload["code"], bool(header.get("stdio")), send, request_r)
+
+
+def _reply_writer(fd: int):
+    def send(message: dict) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:  # J is gone: nothing to answer
+            os._exit(0)
+
+    return send
+
+
+def _run_program(code: str, stdio: bool, send, request_r: int) -> None:
     import builtins
+    import io
 
-    builtin_items = tuple(vars(builtins).items())  # tests see the builtins as they were before the program
-    ns = {"__name__": "solution", "__builtins__": builtins}
-    streams = (sys.stdout, sys.stderr)  # the program may replace sys.stdout; flush what it printed
-    if not run_step(emit, "solution", code, "solution.py", ns, _exec, _compile, describe):
-        _exit(flush(streams))
-    for i, steps in _enumerate(tests):
-        if steps is None:  # the parent refused this test; it fails without running
+    encode, describe = _make_encoder(), _make_describer()
+    try:
+        compiled = compile(code, "solution.py", "exec")
+        ns = {"__name__": "solution", "__builtins__": builtins}
+        if not stdio:
+            exec(compiled, ns)
+    except BaseException as e:  # anything raised, SystemExit included, fails every test
+        send({"raised": describe(e)})
+        _exit_quietly()
+    names = {}
+    for k, v in list(ns.items()):
+        if type(k) is not str or k.startswith("__"):
             continue
-        clean = _dict(builtin_items)
-        # names the program defines may not shadow builtins the test uses (type, isinstance, ...)
-        test_ns = {k: v for k, v in ns.items() if _type(k) is _str and k not in clean}
-        test_ns["__builtins__"] = clean
-        test_ns[guard_name] = method_guard
-        label, index, filename, ok = "test " + _str(i), _str(i), "test_" + _str(i) + ".py", True
-        for kind, body in steps:
-            if kind == "exec":
-                if not run_step(emit, label, body, filename, test_ns, _exec, _compile, describe, quiet=True):
-                    ok = False
-                    break
-                continue
-            for j, source in body:  # the leaves of one assert: their values go back, the parent judges
-                try:
-                    value = _eval(_compile(source, filename, "eval"), test_ns)
-                except _BaseException as e:
-                    emit("value", index, _str(j), "!" + describe(e))
+        if type(v) is type(builtins):
+            names[k] = "module"
+            continue
+        r = encode(v)
+        names[k] = ["value", json.loads(r[1:])] if r[0] == "=" and len(r) < 10_000 else "object"
+    send({"names": names})
+    objects: dict[int, object] = {}
+
+    def resolve(ref):
+        where, key = ref
+        if where == "g":
+            if key not in ns:
+                raise NameError(f"name {key!r} is not defined")
+            return ns[key]
+        return objects[key]
+
+    def answer(value) -> dict:
+        r = encode(value)
+        if r[0] == "=":
+            return {"ok": json.loads(r[1:])}
+        if r[0] == "#":
+            return {"err": "ValueError", "msg": "the program's answer cannot be sent back: " + r[1:]}
+        objects[len(objects)] = value
+        return {"h": len(objects) - 1, "type": r[1:]}
+
+    def run_stdio(text: str) -> str:
+        out = io.BytesIO()
+        saved = sys.stdin, sys.stdout
+        stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+        sys.stdin = io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8")
+        sys.stdout = stdout
+        try:
+            exec(compiled, {"__name__": "__main__", "__builtins__": builtins})
+        except SystemExit:  # exit() at the end of a solution is normal
+            pass
+        finally:
+            try:
+                stdout.flush()
+            except BaseException:  # closed by the program
+                pass
+            printed = out.getvalue() if not out.closed else b""
+            sys.stdin, sys.stdout = saved
+        return printed.decode("utf-8", "replace")
+
+    views = {"len": len, "str": str, "iter": iter, "next": next}
+    requests = os.fdopen(request_r, "rb")
+    while True:
+        line = requests.readline()
+        if not line:
+            _exit_quietly()
+        try:
+            req = json.loads(line)
+            op = req["op"]
+            if op == "stdio":
+                value = run_stdio(str(req["stdin"]))
+            elif op == "call":
+                fn = resolve(req["ref"])
+                args = _untag(req["args"], 0, resolve)
+                kwargs = _untag(req["kwargs"], 0, resolve)
+                value = fn(*args, **kwargs)
+                if isinstance(fn, type) and value is not None:
+                    # an instance the test constructs (Stack(), Point(0, 0)) stays the program's object, even
+                    # one that would read as plain (a namedtuple): the test hands it back to the program
+                    objects[len(objects)] = value
+                    send({"h": len(objects) - 1, "type": _type_name(value)})
                     continue
-                emit("value", index, _str(j), encode(value))
-        if ok:
-            emit(label, "1")
-    emit("done")
-    _exit(flush(streams))
+            elif op == "attr":
+                obj, name = resolve(req["ref"]), str(req["name"])
+                _refuse_comparing(obj, name)
+                value = getattr(obj, name)
+            elif op == "view":
+                obj = resolve(req["ref"])
+                value = views[req["fn"]](obj)
+                if req["fn"] == "iter":
+                    objects[len(objects)] = value  # an iterator is always a handle (J iterates it)
+                    send({"h": len(objects) - 1, "type": "iterator"})
+                    continue
+            else:
+                raise ValueError(f"unknown request {op!r}")
+            reply = answer(value)
+        except BaseException as e:  # the program's exception (SystemExit included) is its answer
+            reply = {"err": _type_name(e), "msg": describe(e).split(": ", 1)[-1] if ": " in describe(e) else ""}
+        send(reply)
 
 
-def _flush(streams) -> int:
-    """Flush the program's output before os._exit (which skips it); return exit code 0."""
-    for stream in streams:
+def _type_name(x) -> str:
+    return type.__dict__["__name__"].__get__(type(x))
+
+
+def _refuse_comparing(obj, name: str) -> None:
+    """A test may not call a comparing method of a builtin value that was not plain (it holds the program's
+    objects, or is a subclass): `[1, A()].count(2)` would let A.__eq__ answer."""
+    if isinstance(obj, _BUILTIN_VALUES) and (name in _COMPARING_METHODS or name.startswith("__")):
+        raise TypeError(f"{_type_name(obj)}.{name}() needs plain values, and this {_type_name(obj)} is not plain "
+                        f"(a custom __eq__ or __hash__ could fake its result)")
+
+
+def _untag(x, depth: int, resolve):
+    """J's tagged tree (grpo_lib.judge.tag) back to builtins; ['H', ref] -> the program's object."""
+    if depth > _MAX_DEPTH + 1:
+        raise ValueError("too deep")
+    t = type(x)
+    if x is None or t in (bool, int, float, str):
+        return x
+    if t is list and len(x) in (2, 3) and type(x[0]) is str:
+        code = x[0]
+        if code == "b":
+            return bytes.fromhex(x[1])
+        if code == "c":
+            return complex(x[1], x[2])
+        if code == "H":
+            return resolve(x[1])
+        if code == "D":
+            return {_untag(k, depth + 1, resolve): _untag(v, depth + 1, resolve) for k, v in x[1]}
+        make = {"L": list, "T": tuple, "S": set, "F": frozenset}.get(code)
+        if make is not None:
+            return make(_untag(v, depth + 1, resolve) for v in x[1])
+    raise ValueError(f"not an encoded value: {t.__name__}")
+
+
+def _exit_quietly() -> None:
+    for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:  # closed or replaced by the program
             pass
-    return 0
-
-
-def _event_writer(fd: int, nonce: str):
-    write, _OSError = os.write, OSError
-
-    def emit(*fields: str) -> None:
-        line = (nonce + " " + " ".join(fields).replace("\n", " ") + "\n").encode("utf-8", "backslashreplace")
-        try:
-            write(fd, line)
-        except _OSError:  # the program closed the pipe: its results are lost and it scores 0
-            pass
-
-    return emit
-
-
-def _run_step(emit, label: str, source: str, filename: str, ns: dict, _exec, _compile, describe,
-              quiet: bool = False) -> bool:
-    """Run `source` in `ns`; report 'label 0 <exception>', or unless quiet 'label 1'."""
-    try:
-        _exec(_compile(source, filename, "exec"), ns)
-    except BaseException as e:  # anything raised, SystemExit included, fails this step
-        emit(label, "0", describe(e))
-        return False
-    if not quiet:
-        emit(label, "1")
-    return True
+    os._exit(0)
 
 
 def _make_describer():
-    """judge._describe_exception, with its builtins bound before the program runs (it may replace str or type)."""
-    _str, _type, _BaseException = str, type, BaseException
-    _name, _copy = type.__dict__["__name__"].__get__, str.__str__  # the real type name; an exact str
+    """'Name: message' of an exception, at most 300 characters, whatever its __str__ does."""
 
     def describe(e) -> str:
         try:
-            msg = _copy(_str(e))
-        except _BaseException:  # a hostile __str__
+            msg = str.__str__(str(e))
+        except BaseException:  # a hostile __str__
             msg = "<unprintable>"
-        name = _name(_type(e))
+        name = _type_name(e)
         return (name + ": " + msg if msg else name)[:300]
 
     return describe
-
-
-# methods of list, tuple, dict, set and frozenset that compare or hash their arguments or elements
-_COMPARING_METHODS = frozenset({
-    "count", "index", "remove", "sort", "get", "pop", "setdefault", "fromkeys", "add", "discard", "union",
-    "intersection", "difference", "symmetric_difference", "issubset", "issuperset", "isdisjoint", "update",
-    "intersection_update", "difference_update", "symmetric_difference_update"})
 
 
 def _make_encoder():
@@ -664,56 +1027,28 @@ def _make_encoder():
     return encode
 
 
-def _make_method_guard(encode):
-    """The function leaves call for `x.m(args)` (see judge._Guard). On a list, tuple, dict, set or frozenset (or a
-    subclass), a method that compares or hashes (count, index, get, ...), and on any builtin value a dunder
-    method, runs only if the receiver and the arguments are plain: `[A(), A()].count(3)` would otherwise let
-    A's __eq__ decide. Other receivers (the program's own objects, modules) are called as they are."""
-    _type, _getattr, _TypeError = type, getattr, TypeError
-    _mro, _name = type.__dict__["__mro__"].__get__, type.__dict__["__name__"].__get__
-    containers, scalars = (list, tuple, dict, set, frozenset), (bool, int, float, complex, str, bytes)
-    comparing = _COMPARING_METHODS
 
-    def kind(t) -> str:
-        for m in _mro(t):
-            for c in containers:
-                if m is c:
-                    return "container"
-            for c in scalars:
-                if m is c:
-                    return "scalar"
-        return ""
-
-    def guard(obj, name, /, *args, **kwargs):
-        k = kind(_type(obj))
-        if (k == "container" and name in comparing) or (k and name[:2] == "__"):
-            for v in (obj, args, kwargs):
-                r = encode(v)
-                if r[0] != "=":
-                    raise _TypeError(f"{_name(_type(obj))}.{name}() needs plain values, got {r[1:]} (a custom "
-                                     f"__eq__ or __hash__ could fake its result)")
-        return _getattr(obj, name)(*args, **kwargs)
-
-    return guard
-
-
-def _confine(p: dict) -> list[str]:
+def _confine(header: dict, reply_w: int, request_r: int) -> list[str]:
     """Apply every layer this platform allows, return their names. May fork (PID namespace): it returns in
-    the process that is to run the program."""
-    limits = p["limits"]
+    the process that is to run the program; the other one supervises it and reports its exit on `reply_w`."""
+    global _LIBC
+    limits = header["limits"]
     for name in limits["preimport"]:
-        try:
-            __import__(name)
-        except ImportError:
-            pass
+        if name not in sys.modules:
+            try:
+                __import__(name)
+            except ImportError:
+                pass
     _set_rlimits(limits)
     layers = ["session", "rlimits"]
-    layers += _namespaces_and_uid(p["uid"], limits["namespaces"])
+    layers += _namespaces_and_uid(header["uid"], limits["namespaces"])
     if "pidns" in layers:
-        _become_namespace_init()
+        _become_namespace_init(reply_w, request_r)
+    _LIBC = None  # ctypes' handle on libc: the program must not find it through this module
     _set_nproc(limits["max_processes"])
     if limits["audit_hook"]:
-        _install_audit_hook(p["workdir"])
+        _delete_escape_hatches()
+        _install_audit_hook(header["workdir"])
         layers.append("audit_hook")
     return layers
 
@@ -764,12 +1099,15 @@ def _namespaces_and_uid(uid: int | None, want_namespaces: bool) -> list[str]:
 
 
 def _libc():
-    try:
-        import ctypes  # imported while still privileged; the audit hook removes it before the program runs
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes  # imported while still privileged; deleted before the program runs
 
-        return ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError):
-        return None
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            return None
+    return _LIBC
 
 
 def _unshare(flags: int) -> bool:
@@ -777,32 +1115,50 @@ def _unshare(flags: int) -> bool:
     return libc is not None and libc.unshare(flags) == 0
 
 
-def _become_namespace_init() -> None:
-    """After unshare(CLONE_NEWPID) our next child is pid 1 of the new namespace: when it exits the kernel
-    kills everything left inside. This process stays outside as supervisor and exits as the child did."""
+def _become_namespace_init(reply_w: int, request_r: int) -> None:
+    """After unshare(CLONE_NEWPID) our next child is pid 1 of the new namespace: when it exits the kernel kills
+    everything left inside. This process stays outside as supervisor and reports the program's exact wait
+    status and CPU time to J on `reply_w` (the program can write lines there too, but only after its own
+    ones can it lie about how it ended, which changes a reason, never a verdict)."""
     pid = os.fork()
     if pid == 0:
-        # set after the uid change (which clears it): if the parent kills the supervisor, we die too,
-        # even if the program left the process group
+        # set after the uid change (which clears it): if the supervisor is killed, we die too, even if the
+        # program left the process group
         libc = _libc()
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         return
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(code if code >= 0 else 128 - code)  # 128+N: "killed by signal N", as a shell reports it
+    os.close(request_r)
+    _, status, usage = os.wait4(pid, 0)
+    data = json.dumps({"exit": status, "cpu": usage.ru_utime + usage.ru_stime}).encode()
+    try:
+        os.write(reply_w, b"\n" + data + b"\n")  # own line even after a partial line of the program's
+    except OSError:
+        pass
+    os._exit(0)
 
 
-def _install_audit_hook(workdir: str) -> None:
-    """Delete escape hatches that raise no audit event, then add the hook (it cannot be removed)."""
+def _delete_escape_hatches() -> None:
+    """Delete what the audit hook cannot see: functions that raise no audit event (leaving the process group,
+    creating device files and FIFOs anywhere), the loaders of native code and of fresh copies of builtin
+    modules (so no .so, cffi module or second posix can be loaded, whatever the host's file permissions), and
+    the already-loaded modules that reach C functions without events."""
+    import _imp
     import posix
 
     for mod in (os, posix, signal, sys.modules.get("_signal")):
-        for name in ("setsid", "setpgid", "setpgrp", "pidfd_open", "pidfd_send_signal"):
+        for name in _UNAUDITED + ("pidfd_send_signal",):
             if mod is not None and hasattr(mod, name):
                 delattr(mod, name)
-    for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes", "_posixsubprocess")]:
+    for name in _NATIVE_LOADERS:
+        if hasattr(_imp, name):
+            delattr(_imp, name)
+    for name in [m for m in sys.modules if m.split(".")[0] in _UNLOADED]:
         del sys.modules[name]  # and re-importing them is blocked
+
+
+def _install_audit_hook(workdir: str) -> None:
+    """Add the hook (it cannot be removed)."""
     roots = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
     roots |= {os.path.realpath(p) for p in sys.path if p}
     sys.addaudithook(_make_audit_hook(os.path.realpath(workdir), tuple(sorted(roots))))
@@ -868,5 +1224,6 @@ def _make_audit_hook(workdir: str, read_roots: tuple[str, ...]):
     return hook
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
-    _child_main(sys.argv[2])
+
+if __name__ == "__main__" and len(sys.argv) in (4, 5) and sys.argv[1] == "--fork-server":
+    _fork_server_main(int(sys.argv[2]), sys.argv[3])

@@ -34,9 +34,10 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from fractions import Fraction
 
-from grpo_lib import sandbox
+from grpo_lib import judge, sandbox
 from grpo_lib.answers import completion_text, extract_gsm8k_gold, extract_tagged_answer
 
 # no torch here (nor grpo_lib.rewards, which imports this module): the math worker process imports this
@@ -385,6 +386,8 @@ def code_syntax_reward(completions, **kwargs):
 
 
 code_syntax_reward.__name__ = "code_syntax"
+code_syntax_reward.reward_range = (0.0, 1.0)
+code_syntax_reward.reward_kind = "format"
 
 
 def split_tests(tests) -> list[str]:
@@ -409,26 +412,157 @@ def split_tests(tests) -> list[str]:
     return out
 
 
-def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
-               deadline_s: float | None = None) -> list[sandbox.SandboxResult | None]:
-    """Run each completion's last ```python block against its row's tests in the sandbox (bounded pool).
-    [N] -> [N] SandboxResult (with .reason), None where the row has no tests.
+CODE_TEST_COLUMNS = ("input_output", "test", "entry_point", "test_list", "test_imports", "test_setup_code",
+                     "tests", "fn_name")
+"""The dataset columns the code reward reads, as the datasets ship them: APPS/TACO/CodeContests-style
+`input_output` (+ `fn_name`), HumanEval's `test` + `entry_point`, MBPP's `test_list` (+ `test_imports`,
+`test_setup_code`), and the workbench's own `tests` (assert strings)."""
 
-    The asserts are judged outside the program, on plain values it sends back (grpo_lib.judge, "How tests
-    are judged"): a result that is not plain data (an object with a custom __eq__, an int subclass) fails
-    the test, with a reason naming it. Write tests as top-level asserts (`assert f(2) == 4`); comparisons
-    inside a helper, a loop or a comprehension filter are refused."""
+
+@dataclass
+class CodeJob:
+    """What one row asks of one program: its test spec (grpo_lib.judge), the code that runs before the
+    program (MBPP's test_imports; HumanEval's prompt when the completion continues it) and the way it runs."""
+
+    spec: dict
+    prelude: str = ""
+    stdio: bool = False
+    continues_prompt: bool = False  # HumanEval: the completion may be the body that continues `prompt`
+    entry_point: str | None = None
+
+
+def _column_error(column: str, row: int | None, what: str) -> ValueError:
+    where = f"row {row}: " if row is not None else ""
+    return ValueError(f"{where}column {column!r}: {what}")
+
+
+def _string_list(value, column: str, row: int | None) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _column_error(column, row, f"expected a list of strings, got {type(value).__name__}")
+    return list(value)
+
+
+def code_job(row: dict, index: int | None = None) -> CodeJob | None:
+    """The tests of one dataset row, read from its columns unchanged (CODE_TEST_COLUMNS, first match in that
+    order); None when the row has none of them (the reward does not apply). A malformed column raises
+    ValueError naming the row and the column.
+
+        {"input_output": '{"inputs": ["1 2\\n"], "outputs": ["3\\n"]}'}          stdin/stdout (APPS, TACO)
+        {"input_output": {"inputs": [[1, 2]], "outputs": [3], "fn_name": "add"}}   call-based
+        {"test": "def check(candidate): ...", "entry_point": "add"}             HumanEval
+        {"test_list": ["assert add(1, 2) == 3"], "test_imports": ["import math"]} MBPP
+        {"tests": ["assert add(1, 2) == 3"]}                                     this workbench's own tasks
+    """
+    io_spec = row.get("input_output")
+    if io_spec not in (None, ""):
+        return _input_output_job(io_spec, row.get("fn_name"), index)
+    if row.get("test") not in (None, "") or row.get("entry_point") not in (None, ""):
+        test, entry = row.get("test"), row.get("entry_point")
+        if not isinstance(test, str) or not test.strip():
+            raise _column_error("test", index, "HumanEval-style rows need the test code (a string defining check)")
+        if not isinstance(entry, str) or not entry.isidentifier():
+            raise _column_error("entry_point", index, f"expected the name of the function under test, got {entry!r}")
+        return CodeJob({"kind": "check", "setup": "", "test": test, "entry_point": entry},
+                       continues_prompt=True, entry_point=entry)
+    if row.get("test_list") not in (None, ""):
+        tests = _string_list(row["test_list"], "test_list", index)
+        imports = row.get("test_imports") or []
+        imports = _string_list(imports, "test_imports", index) if not isinstance(imports, str) else [imports]
+        setup = row.get("test_setup_code") or ""
+        if not isinstance(setup, str):
+            raise _column_error("test_setup_code", index, f"expected a string, got {type(setup).__name__}")
+        prelude = "\n".join(imports)
+        return CodeJob({"kind": "asserts", "setup": "\n".join(filter(None, [prelude, setup])), "tests": tests},
+                       prelude=prelude) if tests else None
+    if row.get("tests") is not None:
+        tests = split_tests(row["tests"])
+        return CodeJob({"kind": "asserts", "setup": "", "tests": tests}) if tests else None
+    return None
+
+
+def _input_output_job(value, fn_name, index: int | None) -> CodeJob | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise _column_error("input_output", index, f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise _column_error("input_output", index, f"expected a JSON object, got {type(value).__name__}")
+    inputs, outputs = value.get("inputs"), value.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
+        raise _column_error("input_output", index, "needs 'inputs' and 'outputs' lists of the same length")
+    if not inputs:
+        return None
+    fn_name = value.get("fn_name") or fn_name
+    if fn_name:
+        if not isinstance(fn_name, str) or not fn_name.isidentifier():
+            raise _column_error("fn_name", index, f"expected a function name, got {fn_name!r}")
+        bad = next((i for i, a in enumerate(inputs) if not isinstance(a, list)), None)
+        if bad is not None:
+            raise _column_error("input_output", index, f"call-based inputs[{bad}] must be a list of arguments")
+        return CodeJob({"kind": "call", "fn_name": fn_name, "cases": [[a, o] for a, o in zip(inputs, outputs)]})
+    from grpo_lib.judge import as_text
+
+    return CodeJob({"kind": "stdio", "cases": [[as_text(a), o] for a, o in zip(inputs, outputs)]}, stdio=True)
+
+
+def _defines(code: str, name: str) -> bool:
+    """True if `code` parses and defines `name` at top level (a def, class or assignment)."""
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return True
+    return False
+
+
+def program_source(job: CodeJob, completion: str, prompt=None) -> str | None:
+    """The program a completion stands for: its last ```python block (for a HumanEval row, the raw completion
+    when it has none: HumanEval completions continue the prompt), after the row's prelude. For a HumanEval row
+    whose prompt is the function's signature and docstring (a plain-text prompt that parses as Python), the
+    prompt comes first, as HumanEval's own harness runs `prompt + completion`: a completion that continues it
+    becomes its body, one that defines the function again replaces it (the prompt's imports and helpers stay)."""
+    code = extract_code(completion)
+    if code is None and job.continues_prompt:
+        code = completion
+    if code is None or len(code) > MAX_CODE_CHARS:
+        return None
+    if job.continues_prompt and isinstance(prompt, str) and parses(prompt + "    pass\n"):
+        code = prompt + code if not _defines(code, job.entry_point) else prompt + "    pass\n\n" + code
+    return "\n".join(filter(None, [job.prelude, code]))
+
+
+def score_code(completions, tests=None, limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
+               deadline_s: float | None = None, prompts=None, **columns) -> list[sandbox.SandboxResult | None]:
+    """Run each completion's program against its row's tests in the sandbox (bounded pool).
+    [N] completions, and per-row columns as the dataset has them (CODE_TEST_COLUMNS; `tests` may be given
+    positionally) -> [N] SandboxResult (with .reason and .failures), None where the row has no tests.
+
+    The tests are the dataset's own code, run outside the program's process on the plain values it sends
+    back (grpo_lib.judge): an object that claims to equal anything earns nothing."""
+    if tests is not None:
+        columns["tests"] = tests
+    columns = {k: v for k, v in columns.items() if k in CODE_TEST_COLUMNS and v is not None}
+    for k, v in columns.items():
+        if len(v) != len(completions):
+            raise ValueError(f"column {k!r} has {len(v)} values for {len(completions)} completions")
     jobs, rows = [], []
     out: list[sandbox.SandboxResult | None] = [None] * len(completions)
-    for i, (c, t) in enumerate(zip(completions, tests, strict=True)):
-        t = split_tests(t)
-        if not t:
+    for i, c in enumerate(completions):
+        job = code_job({k: v[i] for k, v in columns.items()}, i)
+        if job is None:
             continue
-        code = extract_code(completion_text(c))
-        if code is None or len(code) > MAX_CODE_CHARS:
-            out[i] = sandbox.SandboxResult(0, len(t), "no ```python code block (or longer than MAX_CODE_CHARS)")
+        prompt = prompts[i] if prompts is not None else None
+        program = program_source(job, completion_text(c), prompt)
+        if program is None:
+            out[i] = sandbox.SandboxResult(0, judge.count_tests(job.spec),
+                                           "no ```python code block (or longer than MAX_CODE_CHARS)")
             continue
-        jobs.append((code, t))
+        jobs.append((program, job.spec, job.stdio))
         rows.append(i)
     for i, result in zip(rows, sandbox.run_many(jobs, limits, max_workers, deadline_s), strict=True):
         out[i] = result
@@ -437,27 +571,33 @@ def score_code(completions, tests, limits: sandbox.SandboxLimits | None = None, 
 
 def make_code_tests_reward(limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
                            batch_timeout_s: float = 20.0, name: str = "code_tests"):
-    """A reward: passed / total for the row's `tests` column, None where a row has no tests. Each test is
-    judged on plain values outside the program (see score_code), so an object that claims to equal anything
-    scores 0 (EQ_HACK_COMPLETION).
+    """A reward: tests passed / total for each completion, from the row's test columns as the dataset ships
+    them (CODE_TEST_COLUMNS: HumanEval, MBPP, APPS/TACO stdin/stdout and call-based, or `tests`), None where a
+    row has none. The tests run outside the program (see score_code), so an object that claims to equal
+    anything scores 0 (EQ_HACK_COMPLETION). A HumanEval row has one test (its check function): 1 or 0.
 
-    All completions of a call share batch_timeout_s (keep it below the trainer's reward_timeout_s=30):
-    worst case, every program loops, the call takes about batch_timeout_s, and the programs it had no time
-    to start score 0.0 (with a warning naming the fix)."""
+    All completions of a call share batch_timeout_s, judging included (keep it below the trainer's
+    reward_timeout_s=30): worst case, every program loops, the call takes about batch_timeout_s, and the
+    programs it had no time to start score 0.0 (with a warning naming the fix)."""
 
-    def reward(completions, tests=None, **kwargs):
-        if tests is None:
-            return [None] * len(completions)
-        results = score_code(completions, tests, limits, max_workers, batch_timeout_s)
+    def reward(completions, prompts=None, **kwargs):
+        columns = {k: v for k, v in kwargs.items() if k in CODE_TEST_COLUMNS}
+        results = score_code(completions, columns.pop("tests", None), limits, max_workers, batch_timeout_s,
+                             prompts=prompts, **columns)
         skipped = sum(r is not None and r.reason.startswith("not run") for r in results)
         if skipped:
             warnings.warn(f"{name}: {skipped} of {len(results)} programs not run within batch_timeout_s="
                           f"{batch_timeout_s} s and scored 0; raise it (and reward_timeout_s), lower "
                           f"SandboxLimits.timeout_s, or raise max_workers", RuntimeWarning, stacklevel=2)
+        if results and all(r is None for r in results) and not any(k in kwargs for k in CODE_TEST_COLUMNS):
+            warnings.warn(f"{name}: no row has test columns (one of {', '.join(CODE_TEST_COLUMNS)}); every "
+                          f"completion is unscorable", RuntimeWarning, stacklevel=2)
         return [None if r is None else r.fraction for r in results]
 
     reward.__name__ = name
-    reward.required_columns = ("tests",)  # checked against the dataset by the trainer
+    reward.required_columns = ()  # any one of CODE_TEST_COLUMNS; a row with none is unscorable (None)
+    reward.reward_range = (0.0, 1.0)
+    reward.reward_kind = "correctness"
     return reward
 
 
@@ -481,9 +621,7 @@ SUM_LIST_TASK = {
     "reference": "```python\ndef sum_list(xs):\n    return sum(xs)\n```",
 }
 """prompt (str), tests (assert strings for code_tests_reward's `tests` column), reference (a completion
-that passes every test). E.g. code_tests_reward([p], [completion], tests=[SUM_LIST_TASK["tests"]]).
-No `type(sum_list(...)) is int` test is needed against EQ_HACK_COMPLETION: the sandbox judges the asserts
-itself, on plain values (see grpo_lib.judge)."""
+that passes every test). E.g. code_tests_reward([completion], tests=[SUM_LIST_TASK["tests"]]) -> [1.0]."""
 
 EQ_HACK_COMPLETION = """Here is a solution that passes every test:
 ```python
@@ -494,11 +632,11 @@ class Anything:
 def sum_list(xs):
     return Anything()
 ```"""
-"""A reward hack on SUM_LIST_TASK: sum_list returns an object that claims to equal anything. Tests run
-naively in the program's own interpreter all pass, e.g.
+"""A reward hack on SUM_LIST_TASK: sum_list returns an object that claims to equal anything. Tests run in the
+program's own interpreter all pass (tests/test_verify.py checks this):
 
     ns = {}; exec(extract_code(EQ_HACK_COMPLETION), ns); exec("assert sum_list([1, 2, 3]) == 6", ns)  # passes
 
-but code_tests_reward scores it 0.0, and score_code's reason names the object:
-"4/4 tests failed; first: test 0: result of sum_list([1, 2, 3]) is Anything, not a plain value (a custom
-__eq__ could fake equality)"."""
+but code_tests_reward scores it 0.0, because the asserts run in another process, where sum_list's answer is
+a handle that equals only itself; score_code's reason names the object: "4/4 tests failed; first: test 0:
+AssertionError (the program answered with Anything, not plain data: ...)"."""

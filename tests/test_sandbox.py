@@ -112,55 +112,60 @@ def test_patching_builtins_does_not_skip_tests():
 # ----------------------------------------------------------------------------------------------
 
 ALWAYS_EQUAL = "class A:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n        return False\n"
-NOT_PLAIN = "not a plain value"
+NOT_PLAIN = "not plain data: its own __eq__, __bool__ or __hash__ never decides a test"
 
 # (name, program, tests, what the first failure's reason must contain); every test of each must fail
 HACKS = [
     ("__eq__ always True", ALWAYS_EQUAL + "def add(a, b):\n    return A()",
-     ["assert add(1, 2) == 3"],
-     "test 0: result of add(1, 2) is A, not a plain value (a custom __eq__ could fake equality)"),
+     ["assert add(1, 2) == 3"], "test 0: AssertionError (the program answered with A, " + NOT_PLAIN),
     ("__ne__ always False", ALWAYS_EQUAL + "def add(a, b):\n    return A()",
-     ["assert not add(1, 2) != 3"], "result of add(1, 2) is A, not a plain value (a custom __eq__"),
+     ["assert not add(1, 2) != 3"], "the program answered with A, " + NOT_PLAIN),
     ("__bool__ always True", "class T:\n    def __bool__(self):\n        return True\ndef is_prime(n):\n    return T()",
      ["assert is_prime(7)", "assert is_prime(8)", "assert all(is_prime(p) for p in [2, 3])",
       "assert all(map(is_prime, [2, 3]))", "assert any([is_prime(4)])"],
-     "result of is_prime(7) is T, not a plain value (a custom __bool__"),
+     "TypeError: the truth value of the program's T is not plain data (a custom __bool__ could fake it)"),
     ("__eq__ returns a truthy non-bool", "class T:\n    def __eq__(self, o):\n        return 'yes'\n"
-     "def add(a, b):\n    return T()", ["assert add(1, 2) == 3"], "result of add(1, 2) is T, " + NOT_PLAIN),
+     "def add(a, b):\n    return T()", ["assert add(1, 2) == 3"], "answered with T, " + NOT_PLAIN),
     ("int subclass with __eq__", "class I(int):\n    def __eq__(self, o):\n        return True\n    __hash__ = int.__hash__\n"
      "def add(a, b):\n    return I(0)", ["assert add(1, 2) == 3", "assert type(add(1, 2)) is int"],
-     "result of add(1, 2) is I (a subclass of int), " + NOT_PLAIN),
+     "answered with I (a subclass of int), " + NOT_PLAIN),
     ("str subclass with __eq__", "class S(str):\n    def __eq__(self, o):\n        return True\n    __hash__ = str.__hash__\n"
-     "def f():\n    return S('x')", ["assert f() == 'abc'"], "is S (a subclass of str), " + NOT_PLAIN),
+     "def f():\n    return S('x')", ["assert f() == 'abc'"], "answered with S (a subclass of str), " + NOT_PLAIN),
     ("list subclass with __eq__", "class L(list):\n    def __eq__(self, o):\n        return True\ndef f():\n    return L()",
-     ["assert f() == [1, 2]"], "is L (a subclass of list), " + NOT_PLAIN),
+     ["assert f() == [1, 2]"], "answered with L (a subclass of list), " + NOT_PLAIN),
     ("fake element in a list", ALWAYS_EQUAL + "def f():\n    return [1, A()]",
-     ["assert f() == [1, 2]", "assert f().count(2) == 1", "assert sorted(f()) == [1, 2]"],
-     "result of f() is a list holding A at [1], " + NOT_PLAIN),
+     ["assert f() == [1, 2]", "assert f().count(2) == 1", "assert sorted(f()) == [1, 2]", "assert 2 in f()",
+      "assert f().index(2) == 1"],
+     "answered with a list holding A at [1], " + NOT_PLAIN),
     ("fake dict value", ALWAYS_EQUAL + "def f():\n    return {'k': A()}", ["assert f() == {'k': 1}"],
-     "is a dict holding A at ['k'], " + NOT_PLAIN),
+     "answered with a dict holding A at ['k'], " + NOT_PLAIN),
     ("lying __hash__ and __repr__ in a set", "class H:\n    def __hash__(self):\n        return hash(3)\n"
      "    def __eq__(self, o):\n        return True\n    def __repr__(self):\n        return '3'\ndef f():\n    return {H()}",
-     ["assert f() == {3}", "assert 3 in f()", "assert repr(f()) == '{3}' and f() == {3}"], "is a set holding H, " + NOT_PLAIN),
+     ["assert f() == {3}", "assert 3 in f()", "assert repr(f()) == '{3}' and f() == {3}"], "a set holding H, " + NOT_PLAIN),
     ("__sub__ to pass a tolerance test", "class Z:\n    def __sub__(self, o):\n        return 0\ndef f(x):\n    return Z()",
-     ["assert abs(f(1) - 1.5) < 1e-9"], "result of f(1) is Z, not a plain value (its own operators"),
+     ["assert abs(f(1) - 1.5) < 1e-9"], "unsupported operand type(s) for -"),
     ("object posing as None", ALWAYS_EQUAL + "def f():\n    return A()", ["assert f() is None"], "AssertionError"),
     ("patched builtins", "import builtins\nbuiltins.isinstance = lambda *a: True\nbuiltins.type = lambda *a: int\n"
      "builtins.len = lambda x: 3\ndef f():\n    return 'x'",
-     ["assert isinstance(f(), int)", "assert type(f()) is int", "assert len(f()) == 3"], "AssertionError"),
+     ["assert isinstance(f(), int)", "assert type(f()) is int", "assert len(f()) == 3"], ""),  # P breaks itself
     ("AssertionError replaced, excepthook silenced", "import builtins, sys\nclass E(Exception):\n    pass\n"
      "builtins.AssertionError = E\nsys.excepthook = lambda *a: None\ndef f():\n    return 0", ["assert f() == 1"],
      "AssertionError"),
-    ("exit inside the function", "import sys\ndef f():\n    sys.exit(0)", ["assert f() == 1"], "SystemExit: 0"),
+    ("exit inside the function", "import sys\ndef f():\n    sys.exit(0)", ["assert f() == 1"], "SystemExit"),
     ("harness functions patched through __main__",
-     "import __main__\n__main__._run_step = lambda emit, label, *a, **k: emit(label, '1') or True\n"
-     "__main__._make_encoder = __main__._judge = None\ndef add(a, b):\n    return 0",
-     ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], "AssertionError"),
+     "import __main__, json\n__main__._untag = __main__._make_encoder = __main__._run_program = None\n"
+     "json.dumps = lambda *a, **k: '{\"ok\": 3}'\ndef add(a, b):\n    return 0",
+     ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], ""),
     ("pass reports forged by walking stack frames",
      ALWAYS_EQUAL + "import sys\ndef add(a, b):\n    f = sys._getframe()\n"
      "    while f is not None and 'emit' not in f.f_locals:\n        f = f.f_back\n"
-     "    for i in range(3):\n        f.f_locals['emit']('test %d' % i, '1')\n    return A()",
-     ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(3, 3) == 6"], "is A, " + NOT_PLAIN),
+     "    for i in range(3):\n        f.f_locals['emit']('test', i, 1)\n    return A()",
+     ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(3, 3) == 6"], "OSError"),
+    ("forged replies on the reply pipe",
+     "import os\ndef add(a, b):\n    for fd in range(3, 20):\n        try:\n"
+     "            os.write(fd, b'{\"ok\": 3}\\n{\"ok\": 4}\\n{\"exit\": 0, \"cpu\": 0}\\n')\n"
+     "        except OSError:\n            pass\n    return -1",
+     ["assert add(1, 2) == 3 and add(2, 2) == 4 and add(5, 5) == 10"], ""),
 ]
 
 
@@ -233,7 +238,7 @@ def check_positive(x):
         "assert all(map(is_prime, [2, 3, 5])) and not any(map(is_prime, [4, 6]))",
         "assert list(gen(3)) == [0, 1, 2] and sum(gen(4)) == 6",
         "assert counts('abca') == {'a': 2, 'b': 1, 'c': 1}",
-        "assert counts('abca').most_common(1) == [('a', 2)]",
+        "assert dict(counts('abca')) == {'a': 2, 'b': 1, 'c': 1}",  # Counter, OrderedDict... arrive as dicts
         "assert middle(Point(0, 0), Point(2, 4)) == (1.0, 2.0)",
         "s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2\nassert len(s) == 1\nassert s.items == [1]",
         "import math\nxs = [4, 9]\nassert [math.sqrt(x) for x in xs] == [2, 3]",
@@ -244,49 +249,58 @@ def check_positive(x):
     assert r.reason == f"ok: {len(tests)}/{len(tests)} tests passed"
 
 
-def test_equality_is_type_strict():
+def test_equality_is_pythons_on_plain_values():
+    # the test code runs as the datasets' own harnesses run it: Python's == on the plain values that came back
     code = "def f(x):\n    return x"
     cases = [  # (test, passes)
-        ("assert f(True) == 1", False),
-        ("assert f(1) == True", False),
-        ("assert f(0) == False", False),
-        ("assert f(True) == True", True),
+        ("assert f(True) == 1", True),
         ("assert f(1) == 1.0", True),
         ("assert f([1, 2]) == (1, 2)", False),
         ("assert f({1: 'a'}) == {1.0: 'a'}", True),
-        ("assert f({True: 'a'}) == {1: 'a'}", False),
-        ("assert f([True]) == [1]", False),
         ("assert f('1') == 1", False),
         ("assert f(b'a') == 'a'", False),
         ("assert f(None) == 0", False),
         ("assert f({1, 2}) == frozenset({2, 1})", True),
-        ("assert True in f([1, 2])", False),
-        ("assert f(1) != True", True),
+        ("assert f(1) != 2", True),
+        ("assert f((1, [2, {3: b'x'}])) == (1, [2, {3: b'x'}])", True),
     ]
     r = run_untrusted(code, [t for t, _ in cases], LIMITS)
     assert r.passed == sum(ok for _, ok in cases), r.reason
+    assert r.failures == [f"test {i}: AssertionError" for i, (_, ok) in enumerate(cases) if not ok]
 
 
-@pytest.mark.parametrize("test, reason", [
-    ("for x in range(3):\n    assert f(x) == x", "an assert inside a For statement"),
-    ("def check(g):\n    assert g(1) == 1\ncheck(f)", "an assert inside a FunctionDef statement"),
-    ("if f(1) != 1:\n    raise AssertionError", "a condition in `if f(1) != 1: raise AssertionError` would run "
-                                              "in the program's process"),
-    ("assert all(f(x) == x for x in range(3))", "a comparison in `(f(x) == x for x in range(3))`"),
-    ("import operator\nassert operator.eq(f(1), 1)", ".eq() in `operator.eq(f(1), 1)`"),
-    ("assert (", "SyntaxError"),
+@pytest.mark.parametrize("test", [
+    "for x in range(3):\n    assert f(x) == x",
+    "def check(candidate):\n    assert candidate(1) == 1\ncheck(f)",
+    "if f(1) != 1:\n    raise AssertionError",
+    "assert all(f(x) == x for x in range(3))",
+    "import operator\nassert operator.eq(f(1), 1)",
+    "import math, random\nrng = random.Random(4)\nfor _ in range(50):\n    x = rng.random()\n"
+    "    assert math.isclose(f(x), x)",
+    "assert [y for y in map(f, range(5)) if y % 2] == [1, 3]",
 ])
-def test_tests_that_cannot_be_judged_outside_fail_with_a_reason(test, reason):
-    r = run_untrusted("def f(x):\n    return x", [test, "assert f(2) == 2"], LIMITS)
-    assert r.passed == 1 and reason in r.reason, r.reason
+def test_tests_written_as_datasets_write_them(test):
+    # helpers, loops, comprehension filters, all(), operator.eq: the test code runs unchanged, outside
+    r = run_untrusted("def f(x):\n    return x", [test, "assert f(2) == 3"], LIMITS)
+    assert r.passed == 1 and r.failures == ["test 1: AssertionError"], r.reason
+    hacked = run_untrusted(ALWAYS_EQUAL + "def f(x):\n    return A()", [test], LIMITS)
+    assert hacked.passed == 0, hacked.reason
+
+
+def test_a_test_that_does_not_compile_fails_alone():
+    r = run_untrusted("def f(x):\n    return x", ["assert (", "assert f(2) == 2"], LIMITS)
+    assert r.passed == 1 and r.failures[0].startswith("test 0: SyntaxError"), r.reason
 
 
 def test_values_too_large_or_deep_are_refused():
     code = "def deep():\n    x = []\n    for _ in range(100):\n        x = [x]\n    return x\ndef big():\n    return 'x' * 2_000_000"
     r = run_untrusted(code, ["assert deep() == []", "assert big() == ''", "assert 2 ** len(str(10 ** 4)) > 0",
                              "assert 2 ** (10 ** 7) > 0"], SandboxLimits(timeout_s=5.0, cpu_s=4))
-    assert r.passed == 1, r.reason
-    assert "result of deep() could not be sent back: containers nested more than 40 deep" in r.reason
+    assert r.passed == 2, r.reason
+    assert r.failures[:2] == [
+        "test 0: ValueError: the program's answer cannot be sent back: containers nested more than 40 deep",
+        "test 1: ValueError: the program's answer cannot be sent back: too large to send (2000002 characters, "
+        "over 1000000)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,9 +493,16 @@ def test_harness_failure_is_a_result_not_an_exception(monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("no more processes")
 
-    monkeypatch.setattr(sandbox.subprocess, "Popen", broken)
+    monkeypatch.setattr(sandbox._FORK_SERVER, "submit", broken)
     r = run_untrusted("x = 1", TRIVIAL_TEST, LIMITS)
     assert r.passed == 0 and r.reason == "harness error: OSError: no more processes"
+
+
+def test_a_dead_fork_server_is_started_again():
+    run_untrusted("x = 1", TRIVIAL_TEST, LIMITS)
+    os.kill(sandbox._FORK_SERVER.pid, signal.SIGKILL)
+    sandbox._FORK_SERVER._proc.wait()
+    assert run_untrusted("def f():\n    return 1", ["assert f() == 1"], LIMITS).passed == 1
 
 
 def test_limits_are_validated():
@@ -494,10 +515,24 @@ def test_the_trainers_timeout_still_reaches_it(monkeypatch):
     def interrupted(*args, **kwargs):
         raise TimeoutError
 
-    monkeypatch.setattr(sandbox, "_collect", interrupted)
+    real = sandbox._exchange
+
+    def interrupted_after_start(*args, **kwargs):
+        args = list(args)
+        args[3] = time.monotonic() + 0.3  # read for 0.3 s (J has reported its pid), then the alarm
+        real(*args, **kwargs)
+        raise TimeoutError
+
+    monkeypatch.setattr(sandbox, "_exchange", interrupted_after_start)
     with pytest.raises(TimeoutError):
         run_untrusted("while True:\n    pass", TRIVIAL_TEST, LIMITS)
-    assert processes_mentioning("sandbox.py --child") == []
+    time.sleep(0.1)
+    assert job_processes() == []
+
+
+def job_processes() -> list[int]:
+    """Live processes of the sandbox other than the fork server itself (its J and P children)."""
+    return [pid for pid in processes_mentioning("sandbox.py --fork-server") if pid != sandbox._FORK_SERVER.pid]
 
 
 def test_no_temp_dirs_or_sandbox_processes_left_behind():
@@ -505,7 +540,8 @@ def test_no_temp_dirs_or_sandbox_processes_left_behind():
     run_many([("while True:\n    pass", TRIVIAL_TEST), ("x = 1", TRIVIAL_TEST)], LIMITS)
     after = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("grpo_sandbox_")}
     assert after <= before
-    assert processes_mentioning("sandbox.py --child") == []
+    time.sleep(0.1)
+    assert job_processes() == []
 
 
 def test_signal_handlers_of_this_process_are_untouched():
@@ -513,3 +549,173 @@ def test_signal_handlers_of_this_process_are_untouched():
     run_untrusted("x = 1", TRIVIAL_TEST, LIMITS)
     assert signal.getsignal(signal.SIGALRM) is handler
     assert sys.executable  # still here
+
+
+# ----------------------------------------------------------------------------------------------
+# containment, second red team: each finding reproduced by a test (they failed on the sandbox before the
+# fork-server design; see the closing note of the change that added them)
+# ----------------------------------------------------------------------------------------------
+
+ROOT_NO_HOOK = SandboxLimits(timeout_s=2.0, cpu_s=2, audit_hook=False, sandbox_uid=None, namespaces=False)
+
+
+@HOSTILE
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+def test_device_files_and_fifos_are_not_created_outside(where, limits):
+    marker = f"{where}/grpo_sandbox_probe_{os.getpid()}"
+    code = (f"import os\nfor make in (lambda p: os.mknod(p), lambda p: os.mkfifo(p)):\n    try:\n"
+            f"        make({marker!r})\n    except Exception:\n        pass\n"
+            f"def made():\n    return os.path.exists({marker!r})")
+    try:
+        r = run_untrusted(code, ["assert made() is True"], limits)
+        assert not os.path.exists(marker) and r.passed == 0, r.reason
+    finally:
+        if os.path.exists(marker):
+            os.remove(marker)
+
+
+@pytest.fixture
+def shared_object(tmp_path):
+    """A shared object whose constructor writes a marker file: native code, loaded or not."""
+    marker = tmp_path / "native_code_ran"
+    src = tmp_path / "evil.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) {\n'
+                   f'  FILE *f = fopen("{marker}", "w"); if (f) {{ fputs("x", f); fclose(f); }}\n}}\n'
+                   'void PyInit_math(void) {}\n')
+    lib = tmp_path / "math.cpython-311-x86_64-linux-gnu.so"
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("no C compiler to build the shared object")
+    tmp_path.chmod(0o777)  # readable by the sandbox user too, as a venv on Colab is
+    (tmp_path / "evil.c").chmod(0o644)
+    lib.chmod(0o755)
+    return lib, marker
+
+
+@pytest.mark.parametrize("limits", [LIMITS, HOOK_ONLY], ids=["all-layers", "hook-only"])
+def test_native_code_cannot_be_loaded(shared_object, limits):
+    lib, marker = shared_object
+    code = (f"import importlib.util, sys\nerrors = []\n"
+            f"try:\n    spec = importlib.util.spec_from_file_location('math', {str(lib)!r})\n"
+            f"    importlib.util.module_from_spec(spec)\nexcept Exception as e:\n    errors.append(repr(e))\n"
+            f"try:\n    import _imp\n    _imp.create_dynamic(spec)\nexcept Exception as e:\n    errors.append(repr(e))\n"
+            f"sys.path.insert(0, {str(lib.parent)!r})\nsys.modules.pop('math', None)\n"
+            f"try:\n    import math\nexcept Exception as e:\n    errors.append(repr(e))\n"
+            f"def loaded():\n    return len(errors)")
+    r = run_untrusted(code, ["assert loaded() == 0"], limits)
+    assert not marker.exists(), r.reason
+    assert r.passed == 0, r.reason
+
+
+@HOSTILE
+def test_a_fresh_posix_module_cannot_be_made(limits):
+    code = ("import _imp, importlib.machinery\nfound = []\nfor name in ('posix', '_posixsubprocess', '_signal'):\n"
+            "    try:\n        m = _imp.create_builtin(importlib.machinery.ModuleSpec(name, None))\n"
+            "        found.append(name if hasattr(m, 'setsid') or hasattr(m, 'fork_exec') else '')\n"
+            "    except Exception:\n        pass\n"
+            "import os, posix\nfound += [n for n in ('setsid', 'setpgid', 'setpgrp', 'mknod', 'mkfifo') "
+            "if hasattr(os, n) or hasattr(posix, n)]\n"
+            "def escapes():\n    return found")
+    r = run_untrusted(code, ["assert escapes() == []", "assert escapes() != []"], limits)
+    assert r.passed == 1 and r.failures == ["test 1: AssertionError"], r.reason
+
+
+@pytest.mark.parametrize("module", ["sqlite3", "_sqlite3", "_posixshmem", "multiprocessing.shared_memory",
+                                    "_posixsubprocess", "_cffi_backend", "cffi", "mmap"])
+@pytest.mark.parametrize("limits", [LIMITS, HOOK_ONLY], ids=["all-layers", "hook-only"])
+def test_modules_that_open_files_from_c_cannot_be_imported(module, limits):
+    # HOOK_ONLY stays root: every file of the host's Python is readable, as on Colab; containment must not
+    # depend on file permissions, so the venv's site-packages are put on sys.path too
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = f"import sys\nsys.path[:0] = {site!r}\nimport {module}\n"
+    r = run_untrusted(code, TRIVIAL_TEST, limits)
+    assert r.passed == 0 and r.reason.startswith("solution raised"), r.reason
+
+
+def test_a_2500_deep_tree_is_removed_without_recursion():
+    code = ("import os\nfd = os.open('.', os.O_RDONLY)\nfor i in range(2500):\n    os.mkdir('d', dir_fd=fd)\n"
+            "    nxt = os.open('d', os.O_RDONLY, dir_fd=fd)\n    os.close(fd)\n    fd = nxt\n"
+            "def depth():\n    return 2500")
+    before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("grpo_sandbox_")}
+    r = run_untrusted(code, ["assert depth() == 2500"], SandboxLimits(timeout_s=10.0, cpu_s=8, max_open_files=64))
+    assert r.passed == 1, r.reason
+    assert {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("grpo_sandbox_")} <= before
+
+
+def test_cleanup_does_not_follow_a_planted_symlink(tmp_path):
+    target = tmp_path / "victim_dir"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    (target / "keep.txt").write_text("x")
+    code = f"import os\nos.symlink({str(target)!r}, 'link')\nos.symlink({str(target / 'keep.txt')!r}, 'file')\n"
+    r = run_untrusted(code, TRIVIAL_TEST, NO_HOOK)
+    assert r.passed == 1, r.reason
+    assert (target.stat().st_mode & 0o777) == 0o755 and (target / "keep.txt").read_text() == "x"
+
+
+def test_remove_tree_never_follows_symlinks(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_text("keep")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "x").write_text("1")
+    (tree / "a" / "to_outside").symlink_to(outside)
+    (tree / "a" / "b").chmod(0)
+    sandbox.remove_tree(str(tree))
+    assert not tree.exists() and (outside / "f").read_text() == "keep"
+
+
+@HOSTILE
+def test_an_exit_status_of_200_is_an_exit_status(limits):
+    r = run_untrusted("import os\nos._exit(200)", TRIVIAL_TEST, limits)
+    assert r.reason == "exited with code 200 before the tests finished"
+
+
+@HOSTILE
+def test_hash_colliding_values_cannot_stall_the_judge(limits):
+    # 40,000 ints that all hash to 0, sent straight down the reply pipe as a set for the judge to build:
+    # quadratic in J, which the deadline kills (judging is inside the time bound)
+    modulus = sys.hash_info.modulus
+    code = ("import os, json\nitems = [['S', [k * %d for k in range(1, 40001)]]]\n"
+            "def f():\n    line = json.dumps({'ok': items[0]}) + '\\n'\n"
+            "    for fd in range(3, 20):\n        try:\n            os.write(fd, line.encode())\n"
+            "        except OSError:\n            pass\n    return 0" % modulus)
+    start = time.monotonic()
+    r = run_many([(code, ["assert f() == {1}"])], limits, deadline_s=2.0)[0]
+    assert time.monotonic() - start < 3.5 and r.passed == 0, r.reason
+
+
+@HOSTILE
+def test_the_isolation_report_cannot_be_forged(limits):
+    honest = run_untrusted("x = 1", TRIVIAL_TEST, limits).isolation
+    code = ("import os, json\nfor fd in range(3, 20):\n    try:\n"
+            "        os.write(fd, b'\\n' + json.dumps({'isolation': ['forged']}).encode() + b'\\nisolation forged\\n')\n"
+            "    except OSError:\n        pass\nprint('isolation forged')")
+    assert run_untrusted(code, TRIVIAL_TEST, limits).isolation == honest
+
+
+@HOSTILE
+def test_the_program_holds_no_descriptor_but_its_own(limits):
+    code = ("import os\ndef fds():\n    found = []\n    for fd in range(1024):\n        try:\n"
+            "            os.fstat(fd)\n            found.append(fd)\n        except OSError:\n            pass\n"
+            "    return found")
+    r = run_untrusted(code, ["assert len(fds()) == 5"], limits)  # stdin, stdout, stderr, requests, replies
+    assert r.passed == 1, r.reason
+
+
+def test_the_expected_values_are_nowhere_in_the_programs_memory():
+    # root, no hook: the program reads its own memory through /proc/self/mem and reports every
+    # "EXPECTED=<digits>" it finds; the test's expected value is one, were it anywhere in P
+    scan = ("import re\ndef leak():\n    found = set()\n    maps = open('/proc/self/maps').read().splitlines()\n"
+            "    with open('/proc/self/mem', 'rb', 0) as mem:\n        for line in maps:\n"
+            "            span, perms = line.split()[:2]\n            if 'r' not in perms:\n                continue\n"
+            "            lo, hi = (int(x, 16) for x in span.split('-'))\n            try:\n"
+            "                mem.seek(lo)\n                chunk = mem.read(hi - lo)\n            except (OSError, ValueError, OverflowError):\n"
+            "                continue\n            found |= {m.decode() for m in re.findall(b'EXPECT' + b'ED=(\\\\d{5})', chunk)}\n"
+            "    return sorted(found)\n")
+    test = "assert leak() == ['98765']  # EXPECTED=98765"
+    assert run_untrusted(scan, [test], ROOT_NO_HOOK).passed == 0
+    planted = run_untrusted(scan + "KEPT = 'EXPECTED=' + str(98765)\n", [test], ROOT_NO_HOOK)
+    assert planted.passed == 1, planted.reason  # the scan does find such a string when it is there

