@@ -217,9 +217,9 @@ def tag(x, depth: int = 0):
     for t, code in ((list, "L"), (tuple, "T"), (set, "S"), (frozenset, "F")):
         if isinstance(x, t):
             return [code, [tag(v, depth + 1) for v in x]]
-    raise TypeError(f"a value of type {type(x).__name__} cannot be sent to the program: only plain values (None, bool, int, "
-                    f"float, complex, str, bytes, and lists, tuples, dicts, sets of them) and the program's "
-                    f"own objects travel")
+    raise TypeError(f"a value of type {type(x).__name__} cannot be sent to the program: only plain values "
+                    f"(None, bool, int, float, complex, str, bytes, and lists, tuples, dicts, sets of them) and "
+                    f"the program's own objects travel")
 
 
 def untag(x, depth: int = 0, resolve=None):

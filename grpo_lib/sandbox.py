@@ -174,7 +174,6 @@ class SandboxResult:
 # ----------------------------------------------------------------------------------------------
 
 _VERDICT_CAP = 4_000_000  # bytes of verdict lines accepted from J
-_WAIT_AFTER_DONE_S = 0.2  # after J's "done", how long P's output pipe may stay open
 
 
 def as_spec(tests) -> dict:
@@ -423,12 +422,14 @@ def _run_in(workdir: str, uid: int | None, code: str, spec: dict, total: int, st
 def _exchange(writes: dict[int, bytes], out_fd: int, verdict_fd: int, deadline: float, cap: int, closed: set,
               job: dict):
     """Write `writes` (closing each pipe when written) while reading the output and verdict pipes until the
-    verdicts end with 'done' and the output closes (or 0.2 s after 'done'), the deadline, or a cap; the written
+    verdicts end with 'done' (then what is left of the output is drained), both close, the deadline, or a
+    cap; the written
     pipes it closed go into `closed`, J's pid (its first line) into job["pid"] as soon as it arrives. Returns
     (output, verdicts, stop) with stop None, 'timeout', 'output' or 'verdicts'; memory stays below the caps."""
     bufs = {out_fd: bytearray(), verdict_fd: bytearray()}
     caps = {out_fd: cap, verdict_fd: _VERDICT_CAP}
     done_at = None
+    os.set_blocking(out_fd, False)  # drained without waiting once J says 'done' (P may still be alive)
     with selectors.DefaultSelector() as sel:
         for fd in bufs:
             sel.register(fd, selectors.EVENT_READ)
@@ -438,14 +439,25 @@ def _exchange(writes: dict[int, bytes], out_fd: int, verdict_fd: int, deadline: 
         while True:
             now = time.monotonic()
             if done_at is None and bufs[verdict_fd].endswith(b"done\n"):
+                # P answered every request, so what it printed before its last answer is in the pipe already
                 done_at = now
+                while out_fd in sel.get_map() and len(bufs[out_fd]) <= cap:
+                    try:
+                        chunk = os.read(out_fd, 65536)
+                    except BlockingIOError:
+                        break
+                    if not chunk:
+                        break
+                    bufs[out_fd] += chunk[: cap + 1 - len(bufs[out_fd])]
+                if len(bufs[out_fd]) > cap:
+                    return bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd]), "output"
+                return bytes(bufs[out_fd]), bytes(bufs[verdict_fd]), None
             reading = [fd for fd in bufs if fd in sel.get_map()]
-            if not reading or (done_at is not None and (out_fd not in reading or now - done_at > _WAIT_AFTER_DONE_S)):
+            if not reading:
                 return bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd]), None
             if now >= deadline:
                 return bytes(bufs[out_fd][:cap]), bytes(bufs[verdict_fd]), "timeout"
-            wait = deadline - now if done_at is None else min(deadline - now, _WAIT_AFTER_DONE_S)
-            for key, _ in sel.select(wait):
+            for key, _ in sel.select(deadline - now):
                 fd = key.fd
                 if fd in writes:
                     try:
@@ -460,7 +472,10 @@ def _exchange(writes: dict[int, bytes], out_fd: int, verdict_fd: int, deadline: 
                         os.close(fd)
                         closed.add(fd)
                     continue
-                chunk = os.read(fd, 65536)
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
                 if not chunk:
                     sel.unregister(fd)
                     continue
@@ -494,6 +509,11 @@ def _summarize(events: list[list[str]], stop: str | None, total: int, limits: Sa
                 exit_info = (int(e[1]), float(e[2]))
             except ValueError:
                 pass
+        elif e[0] == "cpu" and len(e) > 1:
+            try:
+                exit_info = (None, float(e[1]))
+            except ValueError:
+                pass
         elif e[0] == "done":
             done = True
     cpu_s = exit_info[1] if exit_info else 0.0
@@ -508,8 +528,8 @@ def _summarize(events: list[list[str]], stop: str | None, total: int, limits: Sa
     elif not done:
         reason = "harness error: the judge process ended without a report"
     elif len(judged) < total:
-        reason = (describe_exit(*exit_info, limits, out) if exit_info else "the program stopped") + \
-            " before the tests finished"
+        reason = (describe_exit(*exit_info, limits, out) if exit_info and exit_info[0] is not None
+                  else "the program stopped") + " before the tests finished"
     elif passed == total:
         reason = f"ok: {passed}/{total} tests passed"
     else:
@@ -539,8 +559,10 @@ def describe_exit(status: int, cpu_s: float, limits: SandboxLimits, out: bytes =
 # ----------------------------------------------------------------------------------------------
 
 def _fork_server_main(sock_fd: int, judge_path: str) -> None:
-    """Load the preimports and grpo_lib.judge (by path: grpo_lib is not importable here), then fork one J per
-    job message until the trainer closes the socket. Children are reaped by the kernel (SIGCHLD ignored)."""
+    """Load the preimports and grpo_lib.judge (by path: grpo_lib is not importable here), keep _SPARES judges
+    forked in advance (each with its program process forked too, both waiting), and hand each job message to
+    one of them, until the trainer closes the socket. Children are reaped by the kernel (SIGCHLD ignored)."""
+    import gc
     import importlib.util
     import socket as _socket
 
@@ -554,8 +576,12 @@ def _fork_server_main(sock_fd: int, judge_path: str) -> None:
     judge = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(judge)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    gc.freeze()  # what is loaded now is never traversed again: forked children keep sharing those pages
     sock = _socket.socket(fileno=sock_fd)
+    spares: list = []
     while True:
+        while len(spares) < _SPARES:  # forked while the last job runs, off the next one's critical path
+            spares.append(_fork_spare(judge, sock_fd))
         try:
             data, fds, _, _ = _socket.recv_fds(sock, 1 << 20, 8)
         except InterruptedError:
@@ -564,28 +590,48 @@ def _fork_server_main(sock_fd: int, judge_path: str) -> None:
             os._exit(0)
         if not data:
             os._exit(0)
-        if len(fds) != 5:
-            for fd in fds:
-                os.close(fd)
-            continue
-        if os.fork() == 0:
-            code = 70
-            try:
-                _judge_main(json.loads(data), fds, sock_fd, judge)
-                code = 0
-            except BaseException:
-                if sys.argv[-1:] == ["debug"]:
-                    import traceback
-
-                    traceback.print_exc()
-            finally:
-                os._exit(code)
+        if len(fds) == 5:
+            for _ in range(2):  # a spare that died (it never should) is replaced once
+                spare = spares.pop(0) if spares else _fork_spare(judge, sock_fd)
+                try:
+                    _socket.send_fds(spare, [data], fds)
+                    break
+                except OSError:
+                    pass
+                finally:
+                    spare.close()
         for fd in fds:
             os.close(fd)
 
 
+_SPARES = 2  # judges (each with its program process) forked in advance by Z
+
+
+def _fork_spare(judge, server_fd: int):
+    """Fork a judge J that forks its program process P at once; both wait for a job. Returns the socket on
+    which Z hands J the job (header and the five pipe ends)."""
+    import socket as _socket
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        code = 70
+        try:
+            _judge_main(theirs, judge)
+            code = 0
+        except BaseException:
+            if sys.argv[-1:] == ["debug"]:
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours
+
+
 def _close_fds_except(keep) -> None:
-    """Close every descriptor but `keep` (the fork server's socket and other jobs' pipes must not leak)."""
+    """Close every descriptor but `keep` (the fork server's socket, other spares' sockets and other jobs'
+    pipes must not leak into a judge or a program)."""
     keep = sorted(set(keep))
     start = 0
     for fd in keep + [os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536]:
@@ -601,11 +647,12 @@ def _close_fds_except(keep) -> None:
 _JUDGE_MEMORY = 2 << 30  # J's RLIMIT_AS: the test code and the values it decodes, never the trainer's memory
 
 
-def _judge_main(header: dict, fds: list[int], server_fd: int, judge) -> None:
-    """Fork P, then read the spec, run its tests against P, report: 'pid', 'isolation', 'solution 0 <why>'
-    or 'test i 1|0 <why>' for each test, 'exit <status> <cpu>', 'done'. Then wait for T to close `hold`."""
-    code_r, spec_r, verdict_w, out_w, hold_r = fds
-    os.close(server_fd)
+def _judge_main(job_sock, judge) -> None:
+    """Fork P (it waits for its half of the job), wait for a job from Z, pass P the code pipe and the output
+    pipe, then read the spec, run its tests against P, report: 'pid', 'isolation', 'solution 0 <why>' or
+    'test i 1|0 <why>' for each test, 'exit <status> <cpu>', 'done'. Then wait for T to close `hold`."""
+    import socket as _socket
+
     os.setsid()  # our pid is the process group T kills: J, P and anything P starts
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # reap P ourselves (Z ignores SIGCHLD)
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -613,7 +660,31 @@ def _judge_main(header: dict, fds: list[int], server_fd: int, judge) -> None:
         os.dup2(devnull, std)  # test code that prints must not write into T's pipes
     request_r, request_w = os.pipe()
     reply_r, reply_w = os.pipe()
-    _close_fds_except({0, 1, 2, code_r, spec_r, verdict_w, out_w, hold_r, request_r, request_w, reply_r, reply_w})
+    to_p, from_j = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    _close_fds_except({0, 1, 2, job_sock.fileno(), request_r, request_w, reply_r, reply_w, to_p.fileno(),
+                       from_j.fileno()})
+    pid = os.fork()  # before any job: the expected values are never in P's memory
+    if pid == 0:
+        try:
+            job_sock.close()
+            to_p.close()
+            for fd in (request_w, reply_r):
+                os.close(fd)
+            data, fds, _, _ = _socket.recv_fds(from_j, 1 << 20, 4)
+            from_j.close()
+            if data and len(fds) == 2:
+                _program_main(json.loads(data), fds[0], request_r, reply_w, fds[1])
+        finally:  # whatever the program did to this process's modules, it never returns into J's code
+            os._exit(0)
+    from_j.close()
+    for fd in (request_r, reply_w):
+        os.close(fd)
+    data, fds, _, _ = _socket.recv_fds(job_sock, 1 << 20, 8)
+    job_sock.close()
+    if not data or len(fds) != 5:
+        return
+    header = json.loads(data)
+    code_r, spec_r, verdict_w, out_w, hold_r = fds
 
     def emit(*fields) -> None:
         line = (" ".join(str(f) for f in fields).replace("\n", " ") + "\n").encode("utf-8", "backslashreplace")
@@ -621,15 +692,9 @@ def _judge_main(header: dict, fds: list[int], server_fd: int, judge) -> None:
             line = line[os.write(verdict_w, line):]
 
     emit("pid", os.getpid())
-    pid = os.fork()  # before reading the spec: the expected values must never be in P's memory
-    if pid == 0:
-        try:
-            for fd in (spec_r, verdict_w, hold_r, request_w, reply_r):
-                os.close(fd)
-            _program_main(header, code_r, request_r, reply_w, out_w)
-        finally:  # whatever the program did to this process's modules, it never returns into J's code
-            os._exit(0)
-    for fd in (code_r, request_r, reply_w, out_w):
+    _socket.send_fds(to_p, [data], [code_r, out_w])
+    to_p.close()
+    for fd in (code_r, out_w):
         os.close(fd)
     import resource
 
@@ -646,8 +711,18 @@ def _judge_main(header: dict, fds: list[int], server_fd: int, judge) -> None:
             emit("solution", 0, started["raised"])
         else:
             names = started.get("names", {})
+            judged = 0
             for i, why in judge.run_spec(spec, program, names if type(names) is dict else {}):
                 emit("test", i, 1) if why is None else emit("test", i, 0, why)
+                judged += 1
+            if judged == judge.count_tests(spec):
+                # every test judged: the program's end is not needed (T kills it), only its CPU time, as
+                # it reports it (information, never a verdict)
+                cpu = program.ask({"op": "cpu"})
+                emit("cpu", f"{cpu:.3f}" if type(cpu) is float else "0")
+                emit("done")
+                os.read(hold_r, 1)
+                return
     except judge.ProgramGone:
         pass
     os.close(request_w)  # P's request loop ends; P exits and (with a PID namespace) its supervisor reports
@@ -744,7 +819,16 @@ def _program_main(header: dict, code_r: int, request_r: int, reply_w: int, out_w
 
 
 def _reply_writer(fd: int):
+    streams = (sys.stdout, sys.stderr)  # the originals: the program may replace sys.stdout
+
     def send(message: dict) -> None:
+        # what the program printed reaches T's output pipe before the answer reaches J: T stops reading the
+        # output when J reports 'done'
+        for stream in (sys.stdout, sys.stderr) + streams:
+            try:
+                stream.flush()
+            except BaseException:  # closed or replaced by the program
+                pass
         data = (json.dumps(message, separators=(",", ":")) + "\n").encode("utf-8", "backslashreplace")
         try:
             while data:
@@ -827,6 +911,8 @@ def _run_program(code: str, stdio: bool, send, request_r: int) -> None:
             op = req["op"]
             if op == "stdio":
                 value = run_stdio(str(req["stdin"]))
+            elif op == "cpu":
+                value = float(time.process_time())
             elif op == "call":
                 fn = resolve(req["ref"])
                 args = _untag(req["args"], 0, resolve)

@@ -160,7 +160,7 @@ HACKS = [
      ALWAYS_EQUAL + "import sys\ndef add(a, b):\n    f = sys._getframe()\n"
      "    while f is not None and 'emit' not in f.f_locals:\n        f = f.f_back\n"
      "    for i in range(3):\n        f.f_locals['emit']('test', i, 1)\n    return A()",
-     ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(3, 3) == 6"], "OSError"),
+     ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(3, 3) == 6"], ""),  # no verdict pipe in P
     ("forged replies on the reply pipe",
      "import os\ndef add(a, b):\n    for fd in range(3, 20):\n        try:\n"
      "            os.write(fd, b'{\"ok\": 3}\\n{\"ok\": 4}\\n{\"exit\": 0, \"cpu\": 0}\\n')\n"
@@ -531,8 +531,11 @@ def test_the_trainers_timeout_still_reaches_it(monkeypatch):
 
 
 def job_processes() -> list[int]:
-    """Live processes of the sandbox other than the fork server itself (its J and P children)."""
-    return [pid for pid in processes_mentioning("sandbox.py --fork-server") if pid != sandbox._FORK_SERVER.pid]
+    """Live processes of the sandbox beyond the fork server and its idle spares (a judge and its program
+    process each, waiting for a job): those of jobs that were not cleaned up."""
+    time.sleep(0.2)  # the fork server replaces the spares it handed out
+    others = [pid for pid in processes_mentioning("sandbox.py --fork-server") if pid != sandbox._FORK_SERVER.pid]
+    return others[2 * sandbox._SPARES:]
 
 
 def test_no_temp_dirs_or_sandbox_processes_left_behind():
