@@ -536,6 +536,14 @@ def program_source(job: CodeJob, completion: str, prompt=None) -> str | None:
     return "\n".join(filter(None, [job.prelude, code]))
 
 
+def _why_no_program(text: str) -> str:
+    if len(text) > MAX_CODE_CHARS:
+        return f"no program: the completion is longer than MAX_CODE_CHARS={MAX_CODE_CHARS}"
+    if "```" in text:
+        return "no program: the ```python code block is not closed (cut off at max_completion_length?)"
+    return "no program: no ```python code block"
+
+
 def score_code(completions, tests=None, limits: sandbox.SandboxLimits | None = None, max_workers: int | None = None,
                deadline_s: float | None = None, prompts=None, **columns) -> list[sandbox.SandboxResult | None]:
     """Run each completion's program against its row's tests in the sandbox (bounded pool).
@@ -557,10 +565,10 @@ def score_code(completions, tests=None, limits: sandbox.SandboxLimits | None = N
         if job is None:
             continue
         prompt = prompts[i] if prompts is not None else None
-        program = program_source(job, completion_text(c), prompt)
+        text = completion_text(c)
+        program = program_source(job, text, prompt)
         if program is None:
-            out[i] = sandbox.SandboxResult(0, judge.count_tests(job.spec),
-                                           "no ```python code block (or longer than MAX_CODE_CHARS)")
+            out[i] = sandbox.SandboxResult(0, judge.count_tests(job.spec), _why_no_program(text))
             continue
         jobs.append((program, job.spec, job.stdio))
         rows.append(i)

@@ -450,3 +450,12 @@ def test_a_row_without_tests_is_unscorable():
     assert code_tests_reward(["```python\nx = 1\n```"], answer=["3"], tests=[None]) == [None]
     assert verify.code_job({"answer": "3"}) is None
     assert verify.code_job({"input_output": '{"inputs": [], "outputs": []}'}) is None
+
+
+def test_a_completion_without_a_program_says_why():
+    results = verify.score_code(["I would write sum(xs).", "```python\ndef sum_list(xs):\n    return su"],
+                                [SUM_LIST_TASK["tests"]] * 2, FAST)
+    assert [r.reason for r in results] == [
+        "no program: no ```python code block",
+        "no program: the ```python code block is not closed (cut off at max_completion_length?)"]
+    assert [r.total for r in results] == [4, 4]
