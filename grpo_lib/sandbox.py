@@ -673,7 +673,7 @@ def _judge_main(job_sock, judge) -> None:
             data, fds, _, _ = _socket.recv_fds(from_j, 1 << 20, 4)
             from_j.close()
             if data and len(fds) == 2:
-                _program_main(json.loads(data), fds[0], request_r, reply_w, fds[1])
+                _program_main(json.loads(data), fds[0], request_r, reply_w, fds[1], judge)
         finally:  # whatever the program did to this process's modules, it never returns into J's code
             os._exit(0)
     from_j.close()
@@ -799,7 +799,7 @@ _UNAUDITED = ("setsid", "setpgid", "setpgrp", "pidfd_open", "pidfd_send_signal",
 _NATIVE_LOADERS = ("create_dynamic", "exec_dynamic", "create_builtin", "exec_builtin")
 
 
-def _program_main(header: dict, code_r: int, request_r: int, reply_w: int, out_w: int) -> None:
+def _program_main(header: dict, code_r: int, request_r: int, reply_w: int, out_w: int, judge) -> None:
     """Confine, read the code, run it, then answer J's requests until J closes the pipe."""
     workdir = header["workdir"]
     os.dup2(out_w, 1)
@@ -815,7 +815,7 @@ def _program_main(header: dict, code_r: int, request_r: int, reply_w: int, out_w
     layers = _confine(header, reply_w, request_r)
     send = _reply_writer(reply_w)
     send({"isolation": layers})
-    _run_program(payload["code"], bool(header.get("stdio")), send, request_r)
+    _run_program(payload["code"], bool(header.get("stdio")), send, request_r, judge.untag)
 
 
 def _reply_writer(fd: int):
@@ -839,7 +839,9 @@ def _reply_writer(fd: int):
     return send
 
 
-def _run_program(code: str, stdio: bool, send, request_r: int) -> None:
+def _run_program(code: str, stdio: bool, send, request_r: int, untag) -> None:
+    """Run the program (or, for stdin/stdout, only compile it), send its names, then answer J's requests;
+    `untag` is grpo_lib.judge.untag (arguments arrive in its tagged form, handles resolved here)."""
     import builtins
     import io
 
@@ -915,8 +917,8 @@ def _run_program(code: str, stdio: bool, send, request_r: int) -> None:
                 value = float(time.process_time())
             elif op == "call":
                 fn = resolve(req["ref"])
-                args = _untag(req["args"], 0, resolve)
-                kwargs = _untag(req["kwargs"], 0, resolve)
+                args = untag(req["args"], 0, resolve)
+                kwargs = untag(req["kwargs"], 0, resolve)
                 value = fn(*args, **kwargs)
                 if isinstance(fn, type) and value is not None:
                     # an instance the test constructs (Stack(), Point(0, 0)) stays the program's object, even
@@ -955,29 +957,6 @@ def _refuse_comparing(obj, name: str) -> None:
                         f"(a custom __eq__ or __hash__ could fake its result)")
 
 
-def _untag(x, depth: int, resolve):
-    """J's tagged tree (grpo_lib.judge.tag) back to builtins; ['H', ref] -> the program's object."""
-    if depth > _MAX_DEPTH + 1:
-        raise ValueError("too deep")
-    t = type(x)
-    if x is None or t in (bool, int, float, str):
-        return x
-    if t is list and len(x) in (2, 3) and type(x[0]) is str:
-        code = x[0]
-        if code == "b":
-            return bytes.fromhex(x[1])
-        if code == "c":
-            return complex(x[1], x[2])
-        if code == "H":
-            return resolve(x[1])
-        if code == "D":
-            return {_untag(k, depth + 1, resolve): _untag(v, depth + 1, resolve) for k, v in x[1]}
-        make = {"L": list, "T": tuple, "S": set, "F": frozenset}.get(code)
-        if make is not None:
-            return make(_untag(v, depth + 1, resolve) for v in x[1])
-    raise ValueError(f"not an encoded value: {t.__name__}")
-
-
 def _exit_quietly() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -1002,7 +981,7 @@ def _make_describer():
 
 
 def _make_encoder():
-    """encode(value) -> '=' + JSON of a tagged tree of exact builtins (see judge._untag), or '?' + what the value is
+    """encode(value) -> '=' + JSON of a tagged tree of exact builtins (see judge.untag), or '?' + what the value is
     when it is not plain, or '#' + why it cannot be sent (size, depth). Bound before the program runs, and it
     never calls the program's code: every value is read by its exact type (type(x) is int, ...), through the
     builtin types' own C methods.

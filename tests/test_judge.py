@@ -29,9 +29,12 @@ def test_the_judge_reads_back_what_the_program_process_encodes():
 
 
 def test_arguments_travel_tagged_and_come_back_equal():
-    # J tags the test's arguments; P untags them (sandbox._untag) into the same builtins
+    # J tags the test's arguments; P untags them into the same builtins, references to its objects resolved
     value = {"k": [1, (2.5, None)], 3: {True, b"\xff"}, (1, 2): frozenset({"x"}), "c": 1j}
-    assert sandbox._untag(judge.tag(value), 0, resolve=None) == value
+    assert judge.untag(judge.tag(value)) == value
+    objects = {7: object()}
+    proxy = judge.Proxy(None, ["h", 7], "A")
+    assert judge.untag(judge.tag([proxy]), resolve=lambda ref: objects[ref[1]]) == [objects[7]]
     with pytest.raises(TypeError, match="a value of type object cannot be sent to the program"):
         judge.tag(object())
     with pytest.raises(ValueError, match="not an encoded value"):
