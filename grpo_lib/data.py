@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 import zlib
 from pathlib import Path
@@ -49,6 +50,25 @@ SYNTHETIC_TASKS = {
     "successor": (_successor, ("What number comes after 139?", "After 139 comes 140. <answer>140</answer>")),
     "addition": (_addition, ("What is 25 + 38?", "25 + 38 = 63. <answer>63</answer>")),
 }
+def _first_number(question: str) -> str:
+    return re.findall(r"\d+", question)[0]
+
+
+SHORTCUTS = {"larger": ("always the first number", _first_number)}
+"""task -> (name, question -> answer): the answer a policy gets by a trick instead of the task. A held-out
+score near the trick's score (data.shortcut_accuracy) is not learning; notebook 05 prints both."""
+
+
+def shortcut_accuracy(task: str, rows: list[dict]) -> tuple[str, float] | None:
+    """(name, share of `rows` whose gold answer equals the task's shortcut answer), or None when the task
+    has no known shortcut or the rows carry no "question". E.g. "larger": how often the first number is
+    the larger one."""
+    if task not in SHORTCUTS or not rows or any("question" not in r for r in rows):
+        return None
+    name, answer = SHORTCUTS[task]
+    return name, sum(answer(r["question"]) == str(r["answer"]) for r in rows) / len(rows)
+
+
 GSM8K_EXAMPLE = (
     "Tom has 3 boxes with 12 pencils each. He gives away 10 pencils. How many pencils does he have left?",
     "3 * 12 = 36 pencils. 36 - 10 = 26. <answer>26</answer>",

@@ -9,12 +9,17 @@ restored afterwards (rng.forked_rng), so evaluating never changes what a run sam
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import torch
+
 from .config import GRPOConfig
-from .data import format_prompt
-from .models import model_device
-from .rewards import answer_reward, format_reward, resolve_reward_funcs, reward_inputs, score_completions
+from .data import format_prompt, shortcut_accuracy
+from .logprobs import rollout_logps
+from .models import model_device, model_mode
+from .rewards import (answer_reward, consistency_reward, format_reward, resolve_reward_funcs, reward_inputs,
+                      score_completions)
 from .rng import forked_rng
 from .sampling import generate_completions, sample_groups, tokenize_prompts
 
@@ -43,7 +48,10 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
     max_completion_length, and the reward functions and weights of "reward/mean"; the keyword arguments
     override them. greedy=True: one greedy completion per prompt.
     Returns {"format": share with one well-formed <answer>NUMBER</answer>, "accuracy": share correct,
-    "reward/mean": mean total of the reward functions over the scorable completions, "n": prompts,
+    "reward/mean": mean total of the reward functions over the scorable completions, "consistency": share of
+    the completions that state "X is larger than Y" whose claims are true and agree with their tag (NaN when
+    none does; rewards.consistency_reward), "shortcut": {"name", "accuracy"} of the task's known trick on
+    these rows (data.SHORTCUTS, e.g. "always the first number"; None without one), "n": prompts,
     "samples": completions scored, "completions": their texts, "settings": what was used}.
     """
     config = config or GRPOConfig()
@@ -66,8 +74,12 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
     correct = [v or 0.0 for v in answer_reward(inputs["completions"], answer=inputs["columns"].get("answer"))]
     total = score_completions(funcs, **inputs, weights=weights).total
     scorable = total[~total.isnan()]
+    consistent = [v for v in consistency_reward(inputs["completions"]) if v is not None]
+    shortcut = shortcut_accuracy(config.task, rows)
     return {"format": sum(fmt) / len(fmt), "accuracy": sum(correct) / len(correct),
             "reward/mean": scorable.mean().item() if scorable.numel() else float("nan"),
+            "consistency": sum(consistent) / len(consistent) if consistent else float("nan"),
+            "shortcut": None if shortcut is None else {"name": shortcut[0], "accuracy": shortcut[1]},
             "n": len(rows), "samples": len(texts), "completions": texts,
             "settings": {"greedy": greedy, "temperature": temperature, "top_p": top_p, "num_samples": num_samples,
                          "max_completion_length": max_completion_length, "seed": seed}}
@@ -86,10 +98,39 @@ def cached_evaluate(path: str | Path, model, tokenizer, rows: list[dict], config
     return result
 
 
+def policy_logprob_gap(model_a, model_b, tokenizer, prompts: list, config: GRPOConfig | None = None, *,
+                       max_completion_length: int = 64, seed: int = 0) -> float:
+    """max_t |log pi_a(o_t | q, o_<t) - log pi_b(o_t | q, o_<t)| over every token of one completion per prompt,
+    sampled from model_a with the config's temperature and top_p from a fixed seed (every random stream
+    restored afterwards). 0 for the same policy, up to kernel rounding: unlike comparing greedy decodes, it
+    needs no bit-identical kernels (one rounding difference flips an argmax, and two decodes part for good).
+    Both models on the same device; e.g. a trained model and models.load_trained(run_dir / "adapter")."""
+    config = config or GRPOConfig()
+    with forked_rng(seed):
+        rollout = sample_groups(model_a, tokenizer, prompts, 1, max_completion_length, config.temperature,
+                                config.top_p)
+    idx = torch.arange(rollout.completion_ids.size(0))
+    logp = dict(temperature=config.temperature, chunk_size=config.logprob_chunk_size, share_prompt=False)
+    with torch.no_grad(), model_mode(model_a, training=False), model_mode(model_b, training=False):
+        a = rollout_logps(model_a, rollout, idx, **logp)  # [N, T]
+        b = rollout_logps(model_b, rollout, idx, **logp)  # [N, T]
+    real = rollout.completion_mask.bool()
+    return (a.float() - b.float())[real].abs().max().item()
+
+
 def comparison_table(before: dict, after: dict) -> str:
-    """Before/after side by side, one measure a line."""
+    """Before/after side by side, one measure a line; then, where the evaluation has them, whether the
+    sentences agree with the tagged answers, and the score of the task's shortcut on the same prompts (the
+    same before and after: a property of the prompts, not of the model)."""
     head = f"held-out prompts: {before['n']} ({before.get('samples', before['n'])} completions)"
     lines = [f"{head:<42}{'before':>8}{'after':>8}{'change':>9}"]
-    for key, label in (("format", "format compliance"), ("accuracy", "correct answer"), ("reward/mean", "mean reward")):
+    rows = [("format", "format compliance"), ("accuracy", "correct answer"), ("reward/mean", "mean reward")]
+    if all(isinstance(d.get("consistency"), float) and not math.isnan(d["consistency"]) for d in (before, after)):
+        rows.append(("consistency", "sentence agrees with the tag"))  # NaN: no completion made a claim
+    for key, label in rows:
         lines.append(f"{label:<42}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+9.3f}")
+    if after.get("shortcut"):
+        label = f"shortcut: {after['shortcut']['name']}"
+        lines.append(f"{label:<42}{after['shortcut']['accuracy']:>8.3f}{after['shortcut']['accuracy']:>8.3f}"
+                     f"{'':>9}")
     return "\n".join(lines)

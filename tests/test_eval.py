@@ -76,6 +76,29 @@ def test_comparison_table():
     after = {"n": 64, "samples": 128, "format": 0.75, "accuracy": 0.5, "reward/mean": 1.25}
     table = comparison_table(before, after)
     assert "correct answer" in table and "+0.250" in table and "+0.500" in table
+    assert "sentence agrees" not in table and "shortcut" not in table  # an older evaluation has neither
+    before.update(consistency=0.5, shortcut={"name": "always the first number", "accuracy": 0.53125})
+    after.update(consistency=1.0, shortcut={"name": "always the first number", "accuracy": 0.53125})
+    lines = comparison_table(before, after).splitlines()
+    assert lines[4].split() == ["sentence", "agrees", "with", "the", "tag", "0.500", "1.000", "+0.500"]
+    assert lines[5].split() == ["shortcut:", "always", "the", "first", "number", "0.531", "0.531"]
+
+
+def test_shortcut_accuracy_and_consistency_in_evaluate(tiny_model, tokenizer):
+    from grpo_lib.data import shortcut_accuracy, synthetic_rows
+
+    rows = [{"prompt": r["prompt"], "answer": str(max(a, b)), "question": f"Which is larger, {a} or {b}?"}
+            for r, (a, b) in zip(ROWS, ((12, 40), (77, 31), (50, 51)))]
+    # the first number is the larger in one of the three questions (77 > 31)
+    assert shortcut_accuracy("larger", rows) == ("always the first number", 1 / 3)
+    assert shortcut_accuracy("gsm8k", rows) is None
+    held_out = synthetic_rows("larger", 200, split="test")
+    first_larger = sum(int(r["question"].split()[3]) > int(r["question"].split()[5].rstrip("?")) for r in held_out)
+    assert shortcut_accuracy("larger", held_out)[1] == first_larger / 200
+    result = evaluate(tiny_model, tokenizer, rows, CONFIG.replace(task="larger"), num_samples=2)
+    assert result["shortcut"] == {"name": "always the first number", "accuracy": 1 / 3}
+    # a random tiny model states no "X is larger than Y": nothing to agree or disagree with
+    assert result["consistency"] != result["consistency"]
 
 
 @pytest.mark.parametrize("seed", [0, 11])
