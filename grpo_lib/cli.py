@@ -118,17 +118,20 @@ def cmd_plan(args) -> int:
 
 def cmd_doctor(args) -> int:
     """Print the run doctor's findings; exit 0 whatever it finds (a missing directory is a user error)."""
-    from . import doctor, runlog
+    from . import doctor, runlog, runview
 
     path = Path(args.run_dir)
     if not path.exists():
         raise runlog.RunDirError(f"{path} does not exist")
     log = path / runlog.LOG_NAME if path.is_dir() else path
-    if not log.exists():
-        print(f"run doctor: no run log at {log}: nothing to diagnose yet (no step has finished)")
+    if not log.exists() and runview.trl_state_path(path) is None:
+        print(f"run doctor: no run log at {log} (nor a TRL {runview.TRL_STATE}): nothing to diagnose yet (no step "
+              f"has finished)")
         return 0
-    findings = doctor.diagnose(path)
-    print(doctor.findings_json(findings) if args.json else doctor.format_findings(findings))
+    view = runview.load_run(path, GRPOConfig.from_yaml(args.config) if args.config else None)
+    findings = doctor.diagnose(view)
+    print(doctor.findings_json(findings) if args.json else
+          doctor.format_findings(findings, not_run=doctor.checks_not_run(view)))
     return 0
 
 
@@ -148,7 +151,8 @@ def make_parser() -> argparse.ArgumentParser:
             s.add_argument("--force", action="store_true", help="with --resume: accept a run dir made with "
                            "another config")
     d = sub.add_parser("doctor", help="diagnose a run from its log (reward signal, saturation, KL, length, ...)")
-    d.add_argument("run_dir", help="a run directory (or its log.jsonl)")
+    d.add_argument("run_dir", help="a run directory (or its log.jsonl), or a TRL output dir (its trainer_state.json)")
+    d.add_argument("--config", help="the run's YAML config, where the run dir has no config.json (a TRL run)")
     d.add_argument("--json", action="store_true", help="print the findings as JSON")
     return p
 

@@ -1,42 +1,41 @@
 """The run doctor: reads a run's per-step metrics and says what is wrong, why, and what to change.
 
-    findings = diagnose("runs/demo")           # a run dir, a log.jsonl, StepRecords or a metrics table
+    findings = diagnose("runs/demo")           # a run dir, a log.jsonl, a TRL output dir or StepRecords
     print(format_findings(findings))           # or: python -m grpo_lib doctor runs/demo
 
-Each check answers a question GRPO users keep asking. They compare the *first* and the *last* part of the
-run (windows of WINDOW_FRAC of the steps, medians: robust to a noisy step) or use a robust slope
-(Theil-Sen), and the run's config.json where there is one (num_iterations, beta, loss_type,
-max_completion_length, reward weights, saturation_threshold):
+The run is read into a runview.RunView (metric columns, the reward functions' ranges and kinds, the groups of
+each step). Each check answers a question GRPO users keep asking. They compare the *first* and the *last* part
+of the run (windows of WINDOW_FRAC of the steps, medians: robust to a noisy step) or use a robust slope
+(Theil-Sen), and the run's config.json where there is one (num_iterations, beta, learning_rate, loss_type,
+max_completion_length, reward weights, saturation_threshold, max_skipped_steps):
 
-    loss_zero         "my loss is 0" (or "my loss goes up"): with num_iterations=1 the ratio is exactly 1 and the
-                      group advantages have zero mean, so the policy-gradient term's *value* is ~0 by
-                      construction (its gradient is not); the loss is about beta * KL. Info, not a problem.
-    no_signal         most groups have zero reward variance below the best reward (all fail, or all equally
-                      wrong): no advantage, no gradient. Denser reward, easier prompts, temperature, larger G.
-    saturation        most groups are all-correct (zero variance at the maximum): training has nothing left to
-                      learn from these prompts. Stop (saturation_threshold), harder prompts, dynamic_sampling.
-    format_not_answer a format-like reward rose (or sits at its top) while the correctness reward is flat or
-                      falling: the model learned the cheap reward, not the task.
+    nonfinite         NaN/inf in the loss, gradient norm or KL (in fp16: an overflow).
+    fp16_overflow     the GradScaler skipped optimiser steps repeatedly (amp/step_skipped): fp16 overflowed.
+    destroyed         a run that started with some reward was wrecked by its updates: the reward fell to its
+                      minimum with the KL or the truncated share blowing up. The update is too large.
+    no_signal         most groups have zero reward variance below the best reward and the run never had a
+                      signal (never learned): denser reward, easier prompts, temperature, larger G.
+    collapse          most groups had a reward spread at the start and now have none, with groups that are not
+                      all-correct among them: the policy answers alike whether right or wrong (entropy collapse,
+                      a shortcut). Not saturation.
+    saturation        most groups are all-correct (zero variance, every correctness reward at its top): nothing
+                      left to learn from these prompts. Stop (saturation_threshold), harder prompts.
+    format_not_answer a format reward rose (or sits at its top) while the correctness reward is flat or falling.
     kl_growth         KL to the reference still climbing at the end of the run, or very high.
-    length            truncated completions frequent / rising, or the mean length drifting to
-                      max_completion_length.
-    entropy_collapse  mean token entropy (entropy/mean) fell steeply: sampling turns deterministic, groups
-                      become identical and lose variance.
-    clipping          high clip fractions (only meaningful at num_iterations > 1): the policy moves too far per
-                      generation batch, the learning rate is too high for that many updates.
-    reward_dominance  one reward function carries almost all of the reward variance (the thing advantages are
-                      made of) while another function varies but is drowned by its weight or scale.
+    length            truncated completions frequent / rising, or the mean length drifting to the limit.
+    entropy_collapse  mean token entropy fell steeply (info when the reward is maxed: convergence).
+    clipping          high clip fractions (only meaningful at num_iterations > 1).
+    reward_dominance  one reward function carries almost all of the reward variance while another one varies
+                      but is drowned by its weight or scale.
     unscorable        many completions no reward function applies to: advantage 0, wasted samples.
-    nonfinite         NaN/inf in the loss, gradient norm or KL.
     grad_spikes       gradient-norm spikes far above the run's median; and how often clipping acts.
     reward_decline    the mean reward fell from the first to the last part of the run.
     reward_flat       learning signal present but the reward does not move (info).
+    loss_zero         "my loss is 0": with num_iterations=1 the policy-gradient term's *value* is ~0 by
+                      construction (its gradient is not); the loss is about beta * KL. Info.
 
-Where reward levels matter (all-fail vs all-correct), rewards are placed in their range: a built-in reward
-function's known range (KNOWN_REWARD_RANGES), otherwise [min(0, lowest seen), max(1, highest seen)], weighted
-and summed over the functions. With full StepRecords the doctor classifies each zero-variance group exactly
-(its common total at the top of the range = saturated); from metrics alone it estimates the split from the
-mean reward's position in that range.
+A check runs when the run has the steps and the metrics it needs (REQUIREMENTS); checks_not_run says which did
+not and why (a TRL run logs no unscorable share, a run at beta=0 no KL, ...).
 """
 
 from __future__ import annotations
@@ -44,15 +43,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import re
 import textwrap
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from .runlog import LOG_NAME, RunDirError, StepRecord, read_log_lines, read_run_config
+from .runlog import trl_metric_name
+from .runview import EDGE_TOL, RunView, load_run, position
 
 # ----------------------------------------------------------------------------------------------
 # thresholds, documented once
@@ -62,17 +59,19 @@ WINDOW_FRAC = 0.25  # the first / last window is this share of the run's steps .
 MIN_WINDOW = 3  # ... and at least this many steps
 MIN_LEVEL_STEPS = 3  # checks of a level (share of zero-variance groups, truncation, ...) need this many steps
 MIN_TREND_STEPS = 8  # checks of a change (first vs last window, slopes) need this many steps
-EDGE_TOL = 0.02  # a group's total within this share of the reward range from the top counts as "at the maximum"
 
 LOSS_ZERO_ABS = 0.01  # median |loss| (or |loss - beta*KL|, the policy term) below this reads as "0"
 GRAD_ZERO = 1e-6  # median grad_norm below this: the gradient itself is 0 (nothing moves)
 NO_SIGNAL_WARN, NO_SIGNAL_PROBLEM = 0.5, 0.8  # share of groups with zero variance below the maximum (last window)
-SATURATED_INFO = 0.5  # share of groups all-correct (last window median) worth a note
+MOST = 0.5  # "most groups" means more than this share
+COLLAPSE_STUCK = 0.2  # collapse: at least this share of the zero-variance groups is not all-correct (last window)
 SATURATED_STEP = 0.9  # a step is saturated at this share (config's saturation_threshold if set) ...
 SATURATED_WARN_STEPS = 5  # ... and this many saturated steps in a row at the end of the run make it a warning
+DESTROYED_START = 0.25  # destroyed: the reward sat at >= this share of its range before the break ...
+DESTROYED_LOW = 0.05  # ... and at <= this share from the break on
 FORMAT_RISE = 0.2  # format reward rose by this share of its range, first -> last window ...
-ANSWER_FLAT = 0.05  # ... while the answer reward moved by less than this share (or fell)
-FORMAT_TOP, ANSWER_LOW = 0.9, 0.1  # or: format at >= 90% of its range while answers stay <= 10%
+ANSWER_FLAT = 0.05  # ... while the correctness reward moved by less than this share (or fell)
+FORMAT_TOP, ANSWER_LOW = 0.9, 0.1  # or: format at >= 90% of its range while correctness stays <= 10%
 KL_WARN, KL_PROBLEM = 0.1, 1.0  # per-token KL (nats) to the reference, last-window median
 KL_GROWTH = 2.0  # "growing": last-window KL >= this times the KL at mid-run, and a positive late slope
 TRUNC_WARN, TRUNC_PROBLEM = 0.2, 0.5  # share of truncated completions (last window median)
@@ -86,18 +85,12 @@ CLIP_WARN, CLIP_PROBLEM = 0.1, 0.3  # clip/region median (share of tokens), at n
 DOMINANCE_SHARE = 0.9  # one function carries this share of the reward variance ...
 DROWNED_SPREAD = 0.2  # ... while another varies (its std >= this share of its range) but barely counts
 UNSCORABLE_WARN, UNSCORABLE_PROBLEM = 0.1, 0.5  # share of unscorable completions (last window median)
+SKIPS_WARN = 2  # fp16: this many skipped optimiser steps is an overflow that repeats, not the scale's calibration
+SKIPS_IN_A_ROW = 3  # ... this many in a row (config's max_skipped_steps if set) is a problem
 GRAD_SPIKE = 10.0  # grad_norm above this times the run's median is a spike
 CLIPPED_MOST = 0.5  # grad_norm above max_grad_norm on this share of steps: clipping acts on most updates
 REWARD_DROP = 0.2  # mean reward fell by this share of its range, first -> last window
 REWARD_FLAT = 0.05  # reward moved by less than this share of its range over a run with signal
-
-# Known ranges of the built-in reward functions (grpo_lib.rewards.REWARD_FUNCS), per completion, unweighted.
-KNOWN_REWARD_RANGES = {"format": (0.0, 1.0), "answer": (0.0, 1.0), "xml_count": (0.0, 0.5),
-                       "length": (0.0, 1.0), "consistency": (0.0, 1.0)}
-# Name fragments that mark a reward function as checking the format / the correctness of the answer.
-FORMAT_HINTS = ("format", "xml", "tag", "struct", "style", "regex", "syntax", "template")
-ANSWER_HINTS = ("answer", "correct", "accura", "acc", "math", "verif", "exact", "match", "solution", "equal",
-                "judge", "pass", "test")
 
 SEVERITIES = ("info", "warning", "problem")  # in increasing order
 
@@ -120,189 +113,6 @@ class Finding:
 
 
 # ----------------------------------------------------------------------------------------------
-# reading a run
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunView:
-    """What the checks read: steps, metric columns (NaN where missing), the config (maybe {}), the reward
-    functions with their weights and ranges, and the reward range of the weighted total."""
-
-    steps: np.ndarray
-    cols: dict[str, np.ndarray]
-    config: dict
-    reward_names: list[str]
-    reward_weights: list[float]
-    ranges: dict[str, tuple[float, float]]
-    total_range: tuple[float, float]
-
-    def col(self, key: str) -> np.ndarray:
-        return self.cols.get(key, np.full(len(self.steps), np.nan))
-
-    def has(self, key: str) -> bool:
-        return bool(np.isfinite(self.col(key)).any())
-
-    @property
-    def n(self) -> int:
-        return len(self.steps)
-
-    def span(self, idx: slice | np.ndarray) -> tuple[int, int]:
-        s = self.steps[idx]
-        return (int(s.min()), int(s.max())) if len(s) else (0, 0)
-
-
-def _entries_from(run) -> tuple[list[dict], dict | None]:
-    """(step entries as dicts, config found next to the log) from a run dir, a log path or StepRecords."""
-    if isinstance(run, (str, os.PathLike)):
-        p = Path(run)
-        path = p / LOG_NAME if p.is_dir() else p
-        if not path.exists():
-            raise RunDirError(f"no run log at {path}")
-        entries, _ = read_log_lines(path)  # unreadable lines are skipped (load_run_log warns about them)
-        return sorted(entries, key=lambda d: d["step"]), read_run_config(p if p.is_dir() else p.parent)
-    if isinstance(run, StepRecord):
-        run = [run]
-    return [_record_entry(r) for r in sorted(run, key=lambda r: r.step)], None
-
-
-def _record_entry(r: StepRecord) -> dict:
-    """The fields of a StepRecord the doctor reads (no texts, no per-token stats)."""
-    return {"step": r.step, "metrics": r.metrics, "total": r.total, "rewards": r.rewards,
-            "reward_names": r.reward_names, "reward_weights": r.reward_weights, "num_generations": r.num_generations}
-
-
-def _config_dict(config) -> dict:
-    if config is None:
-        return {}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-def load_run(run, config=None) -> RunView:
-    """A RunView of a run directory / log.jsonl path (config.json read from beside it), StepRecords, or a
-    metrics table {"step": [...], "reward/mean": [...], ...}. `config` (dict or GRPOConfig) overrides."""
-    if isinstance(run, dict):
-        entries = [{"step": int(s), "metrics": {k: v[i] for k, v in run.items() if k != "step"}}
-                   for i, s in enumerate(run["step"])]
-        found = None
-    else:
-        entries, found = _entries_from(run)
-    cfg = _config_dict(config) if config is not None else (found or {})
-    steps = np.array([e["step"] for e in entries], dtype=float)
-    keys = sorted({k for e in entries for k in e.get("metrics", {})})
-    cols = {k: np.array([_num(e.get("metrics", {}).get(k)) for e in entries]) for k in keys}
-    names, weights = _reward_functions(entries, keys, cfg)
-    ranges = _reward_ranges(entries, names, cols)
-    total_range = _total_range(names, weights, ranges)
-    cols.update(_group_columns(entries, names, weights, cols, ranges, total_range))
-    return RunView(steps, cols, cfg, names, weights, ranges, total_range)
-
-
-def _num(x) -> float:
-    try:
-        return float("nan") if x is None else float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _reward_functions(entries: list[dict], keys: list[str], cfg: dict) -> tuple[list[str], list[float]]:
-    """Reward function names and weights: from the records, else the `reward/<fn>/mean` metrics and the config."""
-    for e in reversed(entries):
-        if e.get("reward_names"):
-            weights = e.get("reward_weights") or [1.0] * len(e["reward_names"])
-            return list(e["reward_names"]), [float(w) for w in weights]
-    names = [m.group(1) for k in keys if (m := re.fullmatch(r"reward/(.+)/mean", k))]
-    funcs, cw = list(cfg.get("reward_funcs") or []), cfg.get("reward_weights")
-    by_name = dict(zip(funcs, cw)) if cw and len(cw) == len(funcs) else {}
-    return names, [float(by_name.get(n, 1.0)) for n in names]
-
-
-def _reward_ranges(entries, names, cols) -> dict[str, tuple[float, float]]:
-    """Per function: its known range widened to what was seen, else [min(0, lowest), max(1, highest)]."""
-    out = {}
-    for f, name in enumerate(names):
-        seen = [_num(row[f]) for e in entries for row in e.get("rewards") or [] if f < len(row)]
-        means = cols.get(f"reward/{name}/mean", [])
-        seen = [x for x in seen if math.isfinite(x)] or [x for x in means if math.isfinite(x)]
-        lo, hi = KNOWN_REWARD_RANGES.get(name, (0.0, 1.0))
-        out[name] = (min([lo, *seen]), max([hi, *seen]))
-    return out
-
-
-def _total_range(names, weights, ranges) -> tuple[float, float]:
-    if not names:
-        return 0.0, 1.0
-    lo = sum(min(w * ranges[n][0], w * ranges[n][1]) for n, w in zip(names, weights))
-    hi = sum(max(w * ranges[n][0], w * ranges[n][1]) for n, w in zip(names, weights))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def _position(view_range: tuple[float, float], x: np.ndarray) -> np.ndarray:
-    lo, hi = view_range
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _group_columns(entries, names, weights, cols, ranges, total_range) -> dict[str, np.ndarray]:
-    """Derived per-step columns:
-    groups/saturated_frac, groups/no_signal_frac: zero-variance groups at / below the top of the reward range;
-    var/<fn>: within-group variance of each function's weighted reward.
-    Exact from the completions' rewards; from metrics alone, estimated (_estimate_from_means)."""
-    n = len(entries)
-    out = {"groups/saturated_frac": np.full(n, np.nan), "groups/no_signal_frac": np.full(n, np.nan),
-           **{f"var/{name}": np.full(n, np.nan) for name in names}}
-    for i, e in enumerate(entries):
-        G = e.get("num_generations") or 0
-        if e.get("total") and G >= 2:
-            sat, nosig = _classify_groups(e["total"], G, total_range)
-            var = {name: _within_group_var([_num(row[f]) * weights[f] if f < len(row) else float("nan")
-                                            for row in e.get("rewards") or []], G) for f, name in enumerate(names)}
-        else:
-            sat, nosig, var = _estimate_from_means({k: v[i] for k, v in cols.items()}, names, weights, ranges,
-                                                   total_range)
-        out["groups/saturated_frac"][i], out["groups/no_signal_frac"][i] = sat, nosig
-        for name, v in var.items():
-            out[f"var/{name}"][i] = v
-    return out
-
-
-def _estimate_from_means(m: dict, names, weights, ranges, total_range) -> tuple[float, float, dict]:
-    """From one step's metrics: a saturated group has every function at its top, so the saturated share is at
-    most the lowest function's position p_f = (mean_f - lo_f) / (hi_f - lo_f): estimate it as
-    adv/zero_std_frac * min_f p_f, the rest of the zero-variance groups as no-signal. A function's variance
-    is bounded by w^2 (hi - lo)^2 p (1 - p), exact for 0/1 rewards."""
-    zero = m.get("adv/zero_std_frac", float("nan"))
-    positions = {name: float(_position(ranges[name], np.array(m.get(f"reward/{name}/mean", np.nan))))
-                 for name, w in zip(names, weights) if w != 0}
-    top = min([p for p in positions.values() if math.isfinite(p)],
-              default=float(_position(total_range, np.array(m.get("reward/mean", np.nan)))))
-    var = {name: (w * (ranges[name][1] - ranges[name][0])) ** 2 * p * (1 - p)
-           for name, w in zip(names, weights) for p in [positions.get(name, 0.5)]}
-    return zero * top, zero * (1.0 - top), var
-
-
-def _classify_groups(total: list, G: int, total_range) -> tuple[float, float]:
-    """Shares of groups with zero variance at the top of the reward range (saturated) and below it."""
-    t = np.array([_num(x) for x in total]).reshape(-1, G)
-    top = total_range[1] - EDGE_TOL * (total_range[1] - total_range[0])
-    sat = nosig = 0
-    for g in t:
-        g = g[np.isfinite(g)]
-        if len(g) >= 2 and g.max() != g.min():
-            continue
-        if len(g) and g.min() >= top:
-            sat += 1
-        else:
-            nosig += 1
-    return sat / len(t), nosig / len(t)
-
-
-def _within_group_var(values: list[float], G: int) -> float:
-    v = np.array(values, dtype=float).reshape(-1, G)
-    per_group = [np.var(g[np.isfinite(g)]) for g in v if np.isfinite(g).sum() >= 2]
-    return float(np.mean(per_group)) if per_group else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------
 # robust statistics
 # ----------------------------------------------------------------------------------------------
 
@@ -316,6 +126,11 @@ def _windows(n: int) -> tuple[slice, slice]:
 def _median(x: np.ndarray) -> float:
     x = x[np.isfinite(x)]
     return float(np.median(x)) if len(x) else float("nan")
+
+
+def _mean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.mean(x)) if len(x) else float("nan")
 
 
 def theil_sen(steps: np.ndarray, values: np.ndarray) -> float:
@@ -340,12 +155,24 @@ def _trailing_streak(flags: np.ndarray) -> int:
     return count
 
 
-def _fmt(x: float) -> str:
+def _longest_streak(flags: np.ndarray) -> int:
+    best = count = 0
+    for f in flags:
+        count = count + 1 if f else 0
+        best = max(best, count)
+    return best
+
+
+def _num_text(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
 def _steps_text(span: tuple[int, int]) -> str:
     return f"step {span[0]}" if span[0] == span[1] else f"steps {span[0]}-{span[1]}"
+
+
+def _step_list(steps: np.ndarray) -> str:
+    return ", ".join(str(int(s)) for s in steps[:10]) + (" ..." if len(steps) > 10 else "")
 
 
 def _first_last(view: RunView, key: str) -> tuple[float, float, slice, slice]:
@@ -355,12 +182,131 @@ def _first_last(view: RunView, key: str) -> tuple[float, float, slice, slice]:
 
 
 def _num_iterations(view: RunView) -> int:
-    """From the config; else inferred: ratios to the old policy differ from 1 only when num_iterations > 1."""
+    """From the config; else inferred: ratios to the old policy differ from 1, and the clip removes tokens, only
+    when num_iterations > 1."""
     if "num_iterations" in view.config:
         return int(view.config["num_iterations"])
-    ratio = view.col("ratio/mean")
-    ratio = ratio[np.isfinite(ratio)]
-    return 2 if len(ratio) and np.abs(ratio - 1.0).max() > 1e-6 else 1
+    ratio, clip = view.col("ratio/mean"), view.col("clip/region")
+    moved = np.abs(ratio[np.isfinite(ratio)] - 1.0).max(initial=0.0) > 1e-6
+    return 2 if moved or np.nan_to_num(clip).max(initial=0.0) > 0 else 1
+
+
+def _zero_variance(view: RunView) -> np.ndarray:
+    """[steps] share of groups with zero reward variance (all-correct or not)."""
+    return view.col("groups/saturated_frac") + view.col("groups/no_signal_frac")
+
+
+def _learning_rate(view: RunView, i: int) -> float:
+    """The configured learning rate; without a config, the one logged at step index i."""
+    lr = view.config.get("learning_rate")
+    return float(lr) if lr is not None else float(view.col("lr")[i])
+
+
+def _fp16(view: RunView) -> bool:
+    """Loss scaling was on (the logged loss scale is not 1): the run computed in fp16."""
+    scale = view.col("amp/loss_scale")
+    return bool(np.any(np.isfinite(scale) & (scale != 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# what a check needs: steps and metrics (one of them logged)
+# ----------------------------------------------------------------------------------------------
+
+REQUIREMENTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "nonfinite": (1, ("loss", "grad_norm", "kl/mean")),
+    "fp16_overflow": (1, ("amp/step_skipped",)),
+    "destroyed": (MIN_LEVEL_STEPS, ("reward/mean",)),
+    "no_signal": (MIN_LEVEL_STEPS, ("adv/zero_std_frac",)),
+    "collapse": (MIN_LEVEL_STEPS, ("adv/zero_std_frac",)),
+    "saturation": (MIN_LEVEL_STEPS, ("adv/zero_std_frac",)),
+    "format_not_answer": (MIN_TREND_STEPS, ("reward/mean",)),
+    "kl_growth": (MIN_TREND_STEPS, ("kl/mean",)),
+    "length": (MIN_LEVEL_STEPS, ("completion/truncated_frac", "completion/mean_length")),
+    "entropy_collapse": (MIN_TREND_STEPS, ("entropy/mean",)),
+    "clipping": (MIN_LEVEL_STEPS, ("clip/region",)),
+    "reward_dominance": (MIN_LEVEL_STEPS, ("reward/mean",)),
+    "unscorable": (MIN_LEVEL_STEPS, ("reward/unscorable_frac",)),
+    "grad_spikes": (MIN_TREND_STEPS, ("grad_norm",)),
+    "reward_trend": (MIN_TREND_STEPS, ("reward/mean",)),
+    "loss_zero": (MIN_LEVEL_STEPS, ("loss",)),
+}
+"""check -> (steps it needs, metrics of which at least one must be logged). Group shares come from the
+completions' rewards when the log has them, else from adv/zero_std_frac (estimated)."""
+
+
+def _missing(view: RunView, check: str) -> str | None:
+    """Why `check` cannot run on this view, or None if it can."""
+    steps, keys = REQUIREMENTS[check]
+    exact_groups = check in ("no_signal", "collapse", "saturation") and view.has("groups/saturated_frac")
+    if exact_groups or any(view.was_logged(k).any() for k in keys):
+        return f"needs {steps} steps, the run has {view.n}" if view.n < steps else None
+    if "kl/mean" in keys and view.config.get("beta") == 0:
+        return "beta=0: no KL term, no KL logged"
+    names = " or ".join(keys)
+    if view.source == "trl":
+        trl = [t for k in keys if (t := trl_metric_name(k))]
+        return (f"TRL logged no {' or '.join(trl)}" if trl else f"TRL logs no counterpart of {names}")
+    return f"{names} not in the log"
+
+
+def _can_run(view: RunView, check: str) -> bool:
+    return _missing(view, check) is None
+
+
+def checks_not_run(view: RunView) -> dict[str, str]:
+    """{check: why it could not run} for this run (too few steps, a metric not logged)."""
+    return {check: why for check in REQUIREMENTS if (why := _missing(view, check))}
+
+
+# ----------------------------------------------------------------------------------------------
+# patterns more than one check must agree on: a run wrecked by its updates, a collapsed policy
+# ----------------------------------------------------------------------------------------------
+
+
+def breakdown(view: RunView) -> dict | None:
+    """The run started with a reward (median position >= DESTROYED_START before step index b) and from index b
+    on sits at its minimum (position <= DESTROYED_LOW at b and in the median after), with a sign of a violent
+    update from b on: KL >= KL_PROBLEM, truncated share >= TRUNC_PROBLEM, or a non-finite loss. Returns the
+    figures ({"break": b, ...}) or None."""
+    if not _can_run(view, "destroyed"):
+        return None
+    pos = position(view.total_range, view.col("reward/mean"))
+    for b in range(1, view.n):
+        before, after = _median(pos[:b]), _median(pos[b:])
+        if not (pos[b] <= DESTROYED_LOW and after <= DESTROYED_LOW and before >= DESTROYED_START):
+            continue
+        kl = float(np.nanmax(view.col("kl/mean")[b:], initial=np.nan)) if view.has("kl/mean") else float("nan")
+        trunc = _median(view.col("completion/truncated_frac")[b:])
+        nan_loss = bool((view.was_logged("loss")[b:] & ~np.isfinite(view.col("loss")[b:])).any())
+        if kl >= KL_PROBLEM or trunc >= TRUNC_PROBLEM or nan_loss:
+            return {"break": b, "reward_before": _median(view.col("reward/mean")[:b]),
+                    "reward_after": _median(view.col("reward/mean")[b:]), "kl_max_after": kl,
+                    "truncated_after": trunc, "nan_loss": float(nan_loss)}
+        return None
+    return None
+
+
+def collapse(view: RunView) -> dict | None:
+    """The policy turned deterministic whether right or wrong: in the last window most groups have zero reward
+    variance (window means, so the parts add up) and at least COLLAPSE_STUCK of those are *not* all-correct,
+    while in the first window most groups varied; and the sampling became deterministic (entropy fell to
+    ENTROPY_COLLAPSE of its start or below ENTROPY_FLOOR, or most groups are G copies of one completion).
+    Returns the figures or None; a wrecked run (breakdown) is not a collapse."""
+    if not _can_run(view, "collapse") or breakdown(view):
+        return None
+    first, last = _windows(view.n)
+    zero = _zero_variance(view)
+    z0, z1 = _mean(zero[first]), _mean(zero[last])
+    sat, stuck = _mean(view.col("groups/saturated_frac")[last]), _mean(view.col("groups/no_signal_frac")[last])
+    e0, e1 = _median(view.col("entropy/mean")[first]), _median(view.col("entropy/mean")[last])
+    identical = _mean(view.col("groups/identical_frac")[last])
+    deterministic = e1 <= ENTROPY_COLLAPSE * e0 or e1 < ENTROPY_FLOOR or identical > MOST
+    if first.stop > last.start or not (z1 > MOST and stuck >= COLLAPSE_STUCK * z1 and z0 < NO_SIGNAL_WARN
+                                       and deterministic):
+        return None
+    return {"zero_first": z0, "zero_last": z1, "saturated_last": sat, "stuck_last": stuck,
+            "all_wrong_last": _mean(view.col("groups/all_wrong_frac")[last]), "identical_last": identical,
+            "entropy_first": e0, "entropy_last": e1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,53 +314,98 @@ def _num_iterations(view: RunView) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_loss_zero(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS or not view.has("loss") or _num_iterations(view) != 1:
+def check_nonfinite(view: RunView) -> list[Finding]:
+    if not _can_run(view, "nonfinite"):
         return []
-    loss = view.col("loss")
-    beta = float(view.config.get("beta", 0.0 if not view.has("kl/mean") else float("nan")))
-    beta_kl = beta * np.nan_to_num(view.col("kl/mean"), nan=0.0)  # the KL term (0 where KL is not logged)
-    policy_term = _median(np.abs(loss - beta_kl)) if math.isfinite(beta) else _median(np.abs(loss))
-    if not policy_term < LOSS_ZERO_ABS:
+    bad = {k: view.steps[view.was_logged(k) & ~np.isfinite(view.col(k))] for k in ("loss", "grad_norm", "kl/mean")}
+    bad = {k: s for k, s in bad.items() if len(s)}
+    if not bad:
         return []
-    med = _median(np.abs(loss))
-    title = ("Loss ~ 0 is expected here (num_iterations=1)" if med < LOSS_ZERO_ABS else
-             "The loss is just beta * KL here (num_iterations=1): it follows the KL, not the reward")
-    grad = _median(view.col("grad_norm"))
-    grad_note = (f" Here even the gradient is ~0 (median grad_norm {_fmt(grad)}): no group has reward variance and "
-                 "the policy is still at its reference, so nothing moves; see the zero-variance finding."
-                 if grad < GRAD_ZERO else "")
-    loss_type = view.config.get("loss_type", "grpo")
-    token_note = (f" With loss_type='{loss_type}' the policy term is a token mean, so long completions weigh more "
-                  "and it is small but not exactly 0.") if loss_type in ("bnpo", "dapo") else ""
+    steps = np.unique(np.concatenate(list(bad.values())))
+    fp16 = _fp16(view)
+    advice = ("In fp16 (loss scaling is on) a NaN/inf loss is an overflow: an activation or logit above fp16's "
+              "65504, which Qwen2-family models are known to reach. Use dtype='bfloat16' on a GPU that has it "
+              "(Ampere or newer) or dtype='float32' (on a T4: slower, but exact); a lower learning rate only helps "
+              "when the overflow grew with training. " if fp16 else
+              "The update diverged (or an fp16 forward overflowed). Lower the learning rate, keep max_grad_norm "
+              "> 0, use dtype bfloat16 or float32 rather than float16. ")
     return [Finding(
-        "loss_zero", "info", title,
-        f"median |loss| {_fmt(med)} over {view.n} steps; median beta*KL {_fmt(_median(beta_kl))}; median "
-        f"|loss - beta*KL| {_fmt(policy_term)}.",
-        "Not a bug. With one update per generation batch the ratio to the old policy is exactly 1 and each group's "
-        "advantages have zero mean, so the policy-gradient term's value is ~0 by construction; its gradient is "
-        "not 0. What is left is beta * KL." + token_note + " Judge learning by reward/mean, adv/abs_mean and "
-        "grad_norm, not by the loss." + grad_note,
-        view.span(slice(None)), {"loss_abs_median": med, "beta_kl_median": _median(beta_kl),
-                                 "policy_term_median": policy_term})]
+        "nonfinite", "problem", f"Non-finite {', '.join(bad)}" + (" (fp16)" if fp16 else ""),
+        "; ".join(f"{k} is NaN/inf at {len(s)} step(s): {_step_list(s)}" for k, s in bad.items()) + ".",
+        advice + "Resume from the checkpoint before the first bad step.",
+        (int(steps.min()), int(steps.max())), {f"count/{k}": float(len(s)) for k, s in bad.items()})]
+
+
+def check_fp16_overflow(view: RunView) -> list[Finding]:
+    if not _can_run(view, "fp16_overflow"):
+        return []
+    skipped = np.nan_to_num(view.col("amp/step_skipped")) >= 0.5
+    count, in_a_row = int(skipped.sum()), _longest_streak(skipped)
+    if count < SKIPS_WARN:
+        return []
+    limit = view.config.get("max_skipped_steps") or SKIPS_IN_A_ROW
+    scale = view.col("amp/loss_scale")
+    lowest = float(np.nanmin(scale, initial=np.nan)) if view.has("amp/loss_scale") else float("nan")
+    bad = view.steps[skipped]
+    return [Finding(
+        "fp16_overflow", "problem" if in_a_row >= limit or count >= MOST * view.n else "warning",
+        f"fp16 overflow: {count} optimiser steps skipped",
+        f"the GradScaler skipped the update at {count} of {view.n} steps ({_step_list(bad)}), at most {in_a_row} "
+        f"in a row; loss scale {_num_text(scale[0])} at step {int(view.steps[0])} -> {_num_text(scale[-1])} at step "
+        f"{int(view.steps[-1])} (lowest {_num_text(lowest)}).",
+        "A skipped step is one whose fp16 gradients held inf/NaN: the generation batch was sampled and scored for "
+        "nothing. The GradScaler halves the scale at each skip, so skips that repeat, or a scale that falls "
+        "below 1, mean values overflow fp16 (65504) in the forward or backward, not a scale still calibrating. "
+        "Use dtype='bfloat16' on a GPU that has it (Ampere or newer) or dtype='float32', lower the learning rate, "
+        "keep max_grad_norm at 1.0, and look for NaN losses (a forward overflow); max_skipped_steps stops such "
+        "a run.", (int(bad.min()), int(bad.max())),
+        {"skipped": float(count), "skipped_in_a_row": float(in_a_row), "loss_scale_lowest": lowest})]
+
+
+def check_destroyed(view: RunView) -> list[Finding]:
+    found = breakdown(view)
+    if found is None:
+        return []
+    b = found["break"]
+    step, lr = int(view.steps[b]), _learning_rate(view, b)
+    lo, hi = view.total_range
+    signs = [f"KL per token up to {_num_text(found['kl_max_after'])}" if found["kl_max_after"] >= KL_PROBLEM else "",
+             f"a median {found['truncated_after']:.0%} of completions truncated"
+             if found["truncated_after"] >= TRUNC_PROBLEM else "", "a NaN loss" if found["nan_loss"] else ""]
+    beta, max_norm = view.config.get("beta"), view.config.get("max_grad_norm")
+    return [Finding(
+        "destroyed", "problem", f"The updates wrecked the policy at step {step} (learning_rate={lr:g})",
+        f"mean reward {_num_text(found['reward_before'])} before step {step} -> {_num_text(found['reward_after'])} "
+        f"from step {step} on (range {_num_text(lo)}..{_num_text(hi)}), with {', '.join(s for s in signs if s)}; "
+        f"step {step}'s completions were sampled after {b} update(s) at learning_rate={lr:g}"
+        + (f", beta={beta}" if beta is not None else "") + (f", max_grad_norm={max_norm}" if max_norm else "")
+        + ".",
+        "The task was within reach (the steps before it scored); the update size broke the policy, not the prompts. "
+        "Lower learning_rate 10x or more (LoRA: 1e-5..2e-4; full fine-tuning 1e-6..1e-5) or add warmup_steps; "
+        "raise beta (e.g. 0.04 -> 0.1) so the KL term holds the policy near its reference; keep max_grad_norm at "
+        "1.0 (it tames a spike, but Adam's first updates move each weight by about learning_rate whatever the "
+        "gradient's size, so the learning rate is the knob). Restart, or resume from a checkpoint before step "
+        f"{step}.", (int(view.steps[0]), int(view.steps[-1])), {**found, "learning_rate": lr})]
 
 
 def check_no_signal(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS:
+    if not _can_run(view, "no_signal") or breakdown(view) or collapse(view):
         return []
-    _, last = _windows(view.n)
+    first, last = _windows(view.n)
     share = _median(view.col("groups/no_signal_frac")[last])
     if not share >= NO_SIGNAL_WARN:
         return []
-    pos = _median(_position(view.total_range, view.col("reward/mean"))[last])
+    pos = _median(position(view.total_range, view.col("reward/mean"))[last])
     reward = _median(view.col("reward/mean")[last])
-    at_min = pos <= EDGE_TOL
-    title = ("Reward stuck at its minimum: no learning signal" if at_min else
+    never = _median(_zero_variance(view)[first]) >= NO_SIGNAL_WARN
+    title = ("Reward stuck at its minimum: no learning signal" if pos <= EDGE_TOL else
              "Most groups have zero reward variance below the best reward: little learning signal")
     return [Finding(
-        "no_signal", "problem" if share >= NO_SIGNAL_PROBLEM else "warning", title,
+        "no_signal", "problem" if share >= NO_SIGNAL_PROBLEM else "warning",
+        title + (" from the start" if never else ""),
         f"{_steps_text(view.span(last))}: median {share:.0%} of groups have all G completions scored alike below "
-        f"the maximum; mean reward {_fmt(reward)} (range {_fmt(view.total_range[0])}..{_fmt(view.total_range[1])}).",
+        f"the maximum; mean reward {_num_text(reward)} (range {_num_text(view.total_range[0])}.."
+        f"{_num_text(view.total_range[1])})" + (f"; the same in {_steps_text(view.span(first))}." if never else "."),
         "A group whose completions all score the same has advantage 0 for every member: no gradient. Give partial "
         "credit (a denser reward, e.g. xml_count or a format reward next to the answer reward), use easier "
         "prompts (a curriculum), raise temperature for more diverse samples, or raise num_generations (G) so a "
@@ -423,48 +414,68 @@ def check_no_signal(view: RunView) -> list[Finding]:
         view.span(last), {"no_signal_frac": share, "reward_mean": reward, "reward_position": pos})]
 
 
+def check_collapse(view: RunView) -> list[Finding]:
+    found = collapse(view)
+    if found is None:
+        return []
+    first, last = _windows(view.n)
+    identical = found["identical_last"]
+    entropy = (f" Mean token entropy {_num_text(found['entropy_first'])} -> {_num_text(found['entropy_last'])} "
+               f"nats." if math.isfinite(found["entropy_last"]) else "")
+    return [Finding(
+        "collapse", "problem" if found["zero_last"] >= NO_SIGNAL_PROBLEM else "warning",
+        "Collapse: most groups' completions score alike, right or wrong (not saturation)",
+        f"{_steps_text(view.span(last))}: on average {found['zero_last']:.0%} of groups had zero reward variance "
+        f"({_steps_text(view.span(first))}: {found['zero_first']:.0%}), {found['saturated_last']:.0%} of groups "
+        f"all-correct and {found['stuck_last']:.0%} not ({found['all_wrong_last']:.0%} all-wrong)"
+        + (f"; {identical:.0%} of groups were G copies of one completion" if math.isfinite(identical) else "")
+        + f".{entropy} Mean reward {_num_text(_median(view.col('reward/mean')[last]))} of at most "
+        f"{_num_text(view.total_range[1])}.",
+        "The policy now answers each prompt the same way whether that is right or wrong (a shortcut, e.g. always "
+        "the first number): the all-correct groups are where the shortcut happens to be right, not a solved "
+        "task, and no group of either kind has a gradient. The updates were too large for this run: lower the "
+        f"learning rate (learning_rate={_learning_rate(view, view.n - 1):g}), raise beta so the KL term pulls the "
+        "policy back, raise temperature to keep the samples diverse. A run can climb out of such a dip with more "
+        "steps; judge it on held-out prompts against the task's shortcut baseline, not on the training reward.",
+        (view.span(first)[0], view.span(last)[1]), found)]
+
+
 def check_saturation(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS:
+    if not _can_run(view, "saturation") or collapse(view):
         return []
     _, last = _windows(view.n)
     sat = view.col("groups/saturated_frac")
     share = _median(sat[last])
     threshold = view.config.get("saturation_threshold") or SATURATED_STEP
     streak = _trailing_streak(np.nan_to_num(sat, nan=0.0) >= threshold)
-    if not (share >= SATURATED_INFO or streak >= SATURATED_WARN_STEPS):
-        return []
     warn = streak >= SATURATED_WARN_STEPS
+    if not (share > MOST or warn):
+        return []
     span = view.span(slice(view.n - streak, view.n)) if warn else view.span(last)
+    reward = _median(view.col("reward/mean")[last])
+    lo, hi = view.total_range
+    maxed = reward >= hi - CONVERGED_SHARE * (hi - lo)
     stopper = ("saturation_threshold is set: the run stops on its own after saturation_patience such steps"
                if view.config.get("saturation_threshold") else
                "set saturation_threshold=0.9 (with saturation_patience) to stop the run automatically")
     evidence = (f"{_steps_text(span)} ({streak} steps in a row, to the end): >= {threshold:.0%} of groups had every "
-                f"completion at the top reward; " if warn else "")
+                f"completion correct; " if warn else "")
     evidence += (f"in {_steps_text(view.span(last))} a median {share:.0%} of groups were all-correct; mean reward "
-                 f"{_fmt(_median(view.col('reward/mean')[last]))} of at most {_fmt(view.total_range[1])}.")
+                 f"{_num_text(reward)} of at most {_num_text(hi)}.")
     return [Finding(
         "saturation", "warning" if warn else "info",
         "Saturated: groups are all-correct, nothing left to learn from these prompts" if warn else
-        "Mostly saturated: most groups are all-correct", evidence,
-        f"All-correct groups have zero advantage, so these steps cost compute and teach nothing. The training "
-        f"reward is maxed: stop and evaluate on held-out prompts; {stopper}; move to harder prompts; or turn on "
-        f"dynamic_sampling=True to resample until a step has informative groups.",
-        span, {"saturated_frac": share, "saturated_streak": float(streak)})]
-
-
-def _kind(name: str) -> str | None:
-    low = name.lower()
-    if any(h in low for h in FORMAT_HINTS):
-        return "format"
-    if any(h in low for h in ANSWER_HINTS):
-        return "answer"
-    return None
+        f"Mostly saturated: {share:.0%} of groups are all-correct", evidence,
+        "All-correct groups have zero advantage, so these steps cost compute and teach nothing. "
+        + ("The training reward is maxed: stop and evaluate on held-out prompts; " if maxed else
+           "Evaluate on held-out prompts; ")
+        + f"{stopper}; move to harder prompts; or turn on dynamic_sampling=True to resample until a step has "
+        "informative groups.", span, {"saturated_frac": share, "saturated_streak": float(streak)})]
 
 
 def check_format_not_answer(view: RunView) -> list[Finding]:
-    fmt = [n for n in view.reward_names if _kind(n) == "format"]
-    ans = [n for n in view.reward_names if _kind(n) == "answer"]
-    if view.n < MIN_TREND_STEPS or not fmt or not ans:
+    fmt, ans = view.of_kind("format"), view.of_kind("correctness")
+    if not _can_run(view, "format_not_answer") or not fmt or not ans:
         return []
     out = []
     for a in ans:
@@ -482,8 +493,8 @@ def check_format_not_answer(view: RunView) -> list[Finding]:
             out.append(Finding(
                 "format_not_answer", "warning", f"'{f}' reward {'rose' if rose else 'is maxed'} but '{a}' "
                 f"(correctness) did not follow",
-                f"{_steps_text(view.span(first))} -> {_steps_text(view.span(last))}: {f} {_fmt(f0)} -> {_fmt(f1)}, "
-                f"{a} {_fmt(a0)} -> {_fmt(a1)} (window medians).",
+                f"{_steps_text(view.span(first))} -> {_steps_text(view.span(last))}: {f} {_num_text(f0)} -> "
+                f"{_num_text(f1)}, {a} {_num_text(a0)} -> {_num_text(a1)} (window medians).",
                 "The model learned the cheap reward (the output format) but not the task. Check that the answer "
                 "reward can be earned at all (inspect the best completions and the gold answers; an extraction bug "
                 "looks exactly like this), lower the format weight once the format is learned, make correctness "
@@ -495,7 +506,7 @@ def check_format_not_answer(view: RunView) -> list[Finding]:
 
 
 def check_kl(view: RunView) -> list[Finding]:
-    if view.n < MIN_TREND_STEPS or not view.has("kl/mean"):
+    if not _can_run(view, "kl_growth"):
         return []
     kl = view.col("kl/mean")
     _, last = _windows(view.n)
@@ -515,8 +526,8 @@ def check_kl(view: RunView) -> list[Finding]:
     return [Finding(
         "kl_growth", severity,
         "KL to the reference is growing without bound" if growing else "KL to the reference is very high",
-        f"KL per token: {_fmt(kl_mid)} at mid-run ({_steps_text(view.span(mid))}) -> {_fmt(kl_last)} in "
-        f"{_steps_text(view.span(last))}; late slope {_fmt(slope)}/step"
+        f"KL per token: {_num_text(kl_mid)} at mid-run ({_steps_text(view.span(mid))}) -> {_num_text(kl_last)} in "
+        f"{_steps_text(view.span(last))}; late slope {_num_text(slope)}/step"
         + (f"; beta={beta}." if beta is not None else "."),
         "The policy keeps moving away from the reference. Lower the learning rate, "
         + ("set beta > 0 (0.01-0.04) so something pulls it back" if beta == 0 else
@@ -528,8 +539,10 @@ def check_kl(view: RunView) -> list[Finding]:
 
 
 def check_length(view: RunView) -> list[Finding]:
+    if not _can_run(view, "length"):
+        return []
     out = []
-    if view.n >= MIN_LEVEL_STEPS and view.has("completion/truncated_frac"):
+    if view.has("completion/truncated_frac"):
         t0, t1, first, last = _first_last(view, "completion/truncated_frac")
         if t1 >= TRUNC_WARN:
             rising = view.n >= MIN_TREND_STEPS and t1 - t0 >= TRUNC_RISE
@@ -539,7 +552,7 @@ def check_length(view: RunView) -> list[Finding]:
                 "length", severity, "Truncated completions are " + ("rising" if rising else
                                                                     "falling but still frequent" if improving else
                                                                     "frequent"),
-                f"truncated share {_fmt(t0)} in {_steps_text(view.span(first))} -> {_fmt(t1)} in "
+                f"truncated share {t0:.0%} in {_steps_text(view.span(first))} -> {t1:.0%} in "
                 f"{_steps_text(view.span(last))}" + _limit_text(view) + ".",
                 _LENGTH_ADVICE, view.span(last), {"truncated_first": t0, "truncated_last": t1}))
     limit = view.config.get("max_completion_length")
@@ -548,7 +561,7 @@ def check_length(view: RunView) -> list[Finding]:
         if l1 >= LENGTH_NEAR_LIMIT * limit and l1 >= LENGTH_DRIFT * l0:
             out.append(Finding(
                 "length", "warning", "Completion length is drifting to the limit",
-                f"mean length {_fmt(l0)} -> {_fmt(l1)} tokens ({_steps_text(view.span(first))} -> "
+                f"mean length {_num_text(l0)} -> {_num_text(l1)} tokens ({_steps_text(view.span(first))} -> "
                 f"{_steps_text(view.span(last))}); max_completion_length={limit}.",
                 _LENGTH_ADVICE, view.span(last), {"length_first": l0, "length_last": l1, "limit": float(limit)}))
     return out
@@ -565,11 +578,11 @@ _LENGTH_ADVICE = ("A truncated completion usually has no final answer and is sco
 def _limit_text(view: RunView) -> str:
     limit = view.config.get("max_completion_length")
     length = _median(view.col("completion/mean_length")[_windows(view.n)[1]])
-    return f"; mean length {_fmt(length)} of max_completion_length={limit}" if limit else ""
+    return f"; mean length {_num_text(length)} of max_completion_length={limit}" if limit else ""
 
 
 def check_entropy(view: RunView) -> list[Finding]:
-    if view.n < MIN_TREND_STEPS or not view.has("entropy/mean"):
+    if not _can_run(view, "entropy_collapse"):
         return []
     e0, e1, first, last = _first_last(view, "entropy/mean")
     collapsed = e0 > 0 and e1 <= ENTROPY_COLLAPSE * e0
@@ -577,27 +590,26 @@ def check_entropy(view: RunView) -> list[Finding]:
         return []
     low, high = view.total_range
     reward = _median(view.col("reward/mean")[last])
+    span, figures = (view.span(first)[0], view.span(last)[1]), {"entropy_first": e0, "entropy_last": e1}
+    text = (f"mean token entropy {_num_text(e0)} in {_steps_text(view.span(first))} -> {_num_text(e1)} nats in "
+            f"{_steps_text(view.span(last))}")
     if reward >= high - CONVERGED_SHARE * (high - low):  # the reward is maxed: determinism is convergence
         return [Finding(
             "entropy_collapse", "info", "Entropy fell as the policy converged on the maximal reward",
-            f"mean token entropy {_fmt(e0)} in {_steps_text(view.span(first))} -> {_fmt(e1)} nats in "
-            f"{_steps_text(view.span(last))}, while the mean reward was {_fmt(reward)} of at most {_fmt(high)}.",
+            f"{text}, while the mean reward was {_num_text(reward)} of at most {_num_text(high)}.",
             "Expected once the task is solved: the policy answers the same way every time. Nothing more is "
-            "learned from these prompts (see saturation); harder prompts, or stop.",
-            (view.span(first)[0], view.span(last)[1]), {"entropy_first": e0, "entropy_last": e1})]
+            "learned from these prompts (see saturation); harder prompts, or stop.", span, figures)]
     return [Finding(
         "entropy_collapse", "problem" if e1 < ENTROPY_FLOOR else "warning", "Entropy collapse",
-        f"mean token entropy {_fmt(e0)} in {_steps_text(view.span(first))} -> {_fmt(e1)} nats in "
-        f"{_steps_text(view.span(last))}.",
-        "The policy has become (nearly) deterministic: the G completions of a group become identical, their "
-        "rewards equal, and the learning signal disappears. Lower the learning rate, raise temperature, use "
-        "clip-higher (epsilon_high=0.28, DAPO) at num_iterations > 1, or raise beta. If the reward is already "
-        "maxed this is convergence: stop the run.",
-        (view.span(first)[0], view.span(last)[1]), {"entropy_first": e0, "entropy_last": e1})]
+        f"{text}, while the mean reward was {_num_text(reward)} of at most {_num_text(high)}.",
+        "The policy has become (nearly) deterministic below the maximal reward: the G completions of a group "
+        "become identical, their rewards equal, and the learning signal disappears. Lower the learning rate, "
+        "raise temperature, use clip-higher (epsilon_high=0.28, DAPO) at num_iterations > 1, or raise beta.",
+        span, figures)]
 
 
 def check_clipping(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS or not view.has("clip/region") or _num_iterations(view) <= 1:
+    if not _can_run(view, "clipping") or _num_iterations(view) <= 1:
         return []
     clip = _median(view.col("clip/region"))
     if not clip >= CLIP_WARN:
@@ -614,7 +626,7 @@ def check_clipping(view: RunView) -> list[Finding]:
 
 
 def check_reward_dominance(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS or len(view.reward_names) < 2:
+    if not _can_run(view, "reward_dominance") or len(view.reward_names) < 2:
         return []
     var = {n: float(np.nansum(view.col(f"var/{n}"))) for n in view.reward_names}
     total = sum(var.values())
@@ -646,7 +658,7 @@ def check_reward_dominance(view: RunView) -> list[Finding]:
 
 
 def check_unscorable(view: RunView) -> list[Finding]:
-    if view.n < MIN_LEVEL_STEPS or not view.has("reward/unscorable_frac"):
+    if not _can_run(view, "unscorable"):
         return []
     _, last = _windows(view.n)
     share = _median(view.col("reward/unscorable_frac")[last])
@@ -662,26 +674,8 @@ def check_unscorable(view: RunView) -> list[Finding]:
         view.span(last), {"unscorable_frac": share})]
 
 
-def check_nonfinite(view: RunView) -> list[Finding]:
-    out = []
-    for key in ("loss", "grad_norm", "kl/mean"):
-        x = view.col(key)
-        if not np.isfinite(x).any():
-            continue  # never logged (e.g. kl at beta=0)
-        bad = view.steps[~np.isfinite(x)]
-        if len(bad):
-            out.append(Finding(
-                "nonfinite", "problem", f"Non-finite {key}",
-                f"{key} is NaN/inf at {len(bad)} step(s): {', '.join(str(int(s)) for s in bad[:10])}"
-                f"{' ...' if len(bad) > 10 else ''}.",
-                "The update diverged (or fp16 overflowed). Lower the learning rate, keep max_grad_norm > 0, use "
-                "dtype bfloat16 or float32 rather than float16, and resume from the checkpoint before the first bad "
-                "step.", (int(bad.min()), int(bad.max())), {"count": float(len(bad))}))
-    return out
-
-
 def check_grad_norm(view: RunView) -> list[Finding]:
-    if view.n < MIN_TREND_STEPS or not view.has("grad_norm"):
+    if not _can_run(view, "grad_spikes"):
         return []
     g = view.col("grad_norm")
     med = _median(g)
@@ -691,8 +685,8 @@ def check_grad_norm(view: RunView) -> list[Finding]:
         if len(spikes):
             out.append(Finding(
                 "grad_spikes", "warning", "Gradient-norm spikes",
-                f"grad_norm above {GRAD_SPIKE:g}x the run's median ({_fmt(med)}) at step(s) "
-                f"{', '.join(str(int(s)) for s in spikes[:10])}; largest {_fmt(float(np.nanmax(g)))}.",
+                f"grad_norm above {GRAD_SPIKE:g}x the run's median ({_num_text(med)}) at step(s) "
+                f"{_step_list(spikes)}; largest {_num_text(float(np.nanmax(g)))}.",
                 "A spike is one batch pushing the policy hard (often a rare high-advantage completion, or numerics). "
                 "Keep max_grad_norm (1.0) so the update is clipped, lower the learning rate if spikes repeat, and "
                 "inspect the completions of those steps.", (int(spikes.min()), int(spikes.max())),
@@ -703,7 +697,7 @@ def check_grad_norm(view: RunView) -> list[Finding]:
         if clipped >= CLIPPED_MOST:
             out.append(Finding(
                 "grad_spikes", "info", "Gradient clipping acts on most updates",
-                f"grad_norm > max_grad_norm={max_norm} on {clipped:.0%} of steps (median {_fmt(med)}).",
+                f"grad_norm > max_grad_norm={max_norm} on {clipped:.0%} of steps (median {_num_text(med)}).",
                 "Each update is rescaled to norm max_grad_norm, so the learning rate is effectively lower than set. "
                 "Fine for stability; if learning is slow, the learning rate (not clipping) is the knob.",
                 view.span(slice(None)), {"clipped_frac": clipped, "grad_norm_median": med}))
@@ -711,21 +705,23 @@ def check_grad_norm(view: RunView) -> list[Finding]:
 
 
 def check_reward_trend(view: RunView) -> list[Finding]:
-    if view.n < MIN_TREND_STEPS or not view.has("reward/mean"):
+    if not _can_run(view, "reward_trend") or breakdown(view):  # a wrecked run is check_destroyed's finding
         return []
     r0, r1, first, last = _first_last(view, "reward/mean")
     lo, hi = view.total_range
     change = (r1 - r0) / (hi - lo)
     span = (view.span(first)[0], view.span(last)[1])
-    text = f"mean reward {_fmt(r0)} in {_steps_text(view.span(first))} -> {_fmt(r1)} in {_steps_text(view.span(last))}"
+    text = (f"mean reward {_num_text(r0)} in {_steps_text(view.span(first))} -> {_num_text(r1)} in "
+            f"{_steps_text(view.span(last))}")
     if change <= -REWARD_DROP:
         return [Finding(
-            "reward_decline", "warning", "Reward fell during training", text + f" (range {_fmt(lo)}..{_fmt(hi)}).",
+            "reward_decline", "warning", "Reward fell during training",
+            text + f" (range {_num_text(lo)}..{_num_text(hi)}).",
             "The policy got worse on its own reward: usually a learning rate too high (watch KL and grad_norm), "
             "or a collapse after reward hacking. Lower the learning rate, raise beta, and resume from an earlier "
             "checkpoint.", span, {"reward_first": r0, "reward_last": r1})]
     quiet = _median(view.col("groups/no_signal_frac")[last]) < NO_SIGNAL_WARN
-    unsaturated = _median(view.col("groups/saturated_frac")[last]) < SATURATED_INFO
+    unsaturated = _median(view.col("groups/saturated_frac")[last]) <= MOST
     if abs(change) < REWARD_FLAT and quiet and unsaturated and (r1 - lo) / (hi - lo) < 1 - EDGE_TOL:
         return [Finding(
             "reward_flat", "info", "Reward is not moving", text + " although groups do have reward variance.",
@@ -735,14 +731,45 @@ def check_reward_trend(view: RunView) -> list[Finding]:
     return []
 
 
-CHECKS = (check_nonfinite, check_no_signal, check_saturation, check_format_not_answer, check_kl, check_length,
-          check_entropy, check_clipping, check_reward_dominance, check_unscorable, check_grad_norm,
-          check_reward_trend, check_loss_zero)
+def check_loss_zero(view: RunView) -> list[Finding]:
+    if not _can_run(view, "loss_zero") or not view.has("loss") or _num_iterations(view) != 1:
+        return []
+    loss = view.col("loss")
+    beta = float(view.config.get("beta", 0.0 if not view.has("kl/mean") else float("nan")))
+    beta_kl = beta * np.nan_to_num(view.col("kl/mean"), nan=0.0)  # the KL term (0 where KL is not logged)
+    policy_term = _median(np.abs(loss - beta_kl)) if math.isfinite(beta) else _median(np.abs(loss))
+    if not policy_term < LOSS_ZERO_ABS:
+        return []
+    med = _median(np.abs(loss))
+    title = ("Loss ~ 0 is expected here (num_iterations=1)" if med < LOSS_ZERO_ABS else
+             "The loss is just beta * KL here (num_iterations=1): it follows the KL, not the reward")
+    grad = _median(view.col("grad_norm"))
+    grad_note = (f" Here even the gradient is ~0 (median grad_norm {_num_text(grad)}): no group has reward variance "
+                 "and the policy is still at its reference, so nothing moves; see the zero-variance finding."
+                 if grad < GRAD_ZERO else "")
+    loss_type = view.config.get("loss_type", "grpo")
+    token_note = (f" With loss_type='{loss_type}' the policy term is a token mean, so long completions weigh more "
+                  "and it is small but not exactly 0.") if loss_type in ("bnpo", "dapo") else ""
+    return [Finding(
+        "loss_zero", "info", title,
+        f"median |loss| {_num_text(med)} over {view.n} steps; median beta*KL {_num_text(_median(beta_kl))}; median "
+        f"|loss - beta*KL| {_num_text(policy_term)}.",
+        "Not a bug. With one update per generation batch the ratio to the old policy is exactly 1 and each group's "
+        "advantages have zero mean, so the policy-gradient term's value is ~0 by construction; its gradient is "
+        "not 0. What is left is beta * KL." + token_note + " Judge learning by reward/mean, adv/abs_mean and "
+        "grad_norm, not by the loss." + grad_note,
+        view.span(slice(None)), {"loss_abs_median": med, "beta_kl_median": _median(beta_kl),
+                                 "policy_term_median": policy_term})]
+
+
+CHECKS = (check_nonfinite, check_fp16_overflow, check_destroyed, check_no_signal, check_collapse, check_saturation,
+          check_format_not_answer, check_kl, check_length, check_entropy, check_clipping, check_reward_dominance,
+          check_unscorable, check_grad_norm, check_reward_trend, check_loss_zero)
 
 
 def diagnose(run, config=None) -> list[Finding]:
-    """Findings for a run (a run directory, a log.jsonl path, StepRecords or a metrics table), most severe first.
-    `config` (dict or GRPOConfig) is read from the run directory's config.json when not given."""
+    """Findings for a run (a run directory, a log.jsonl, a TRL output dir, StepRecords or a RunView), most
+    severe first. `config` (dict or GRPOConfig) is read from the run directory's config.json when not given."""
     view = run if isinstance(run, RunView) else load_run(run, config)
     if view.n == 0:
         return []
@@ -758,14 +785,20 @@ LABELS = {"info": "info", "warning": "WARNING", "problem": "PROBLEM"}
 COLOURS = {"info": "#1f77b4", "warning": "#d97706", "problem": "#c62828"}
 
 
-def format_findings(findings: list[Finding], width: int = 100) -> str:
-    """Findings as terminal text: a summary line, then one block per finding (severity, title, evidence, advice)."""
+def format_findings(findings: list[Finding], width: int = 100, not_run: dict[str, str] | None = None) -> str:
+    """Findings as terminal text: a summary line, then one block per finding (severity, title, evidence, advice);
+    with `not_run` (checks_not_run), a last line on the checks that could not run and why."""
     counts = [f"{n} {s}" for s in reversed(SEVERITIES) if (n := sum(f.severity == s for f in findings))]
     blocks = ["run doctor: " + (f"{len(findings)} finding(s): {', '.join(counts)}" if findings else
                                 "no findings: nothing looks wrong")]
     for f in findings:
         blocks.append(f"[{LABELS[f.severity]}] {f.title}\n{_wrapped('evidence', f.evidence, width)}\n"
                       f"{_wrapped('advice', f.advice, width)}")
+    if not_run:
+        by_reason = {why: [c for c in not_run if not_run[c] == why] for why in not_run.values()}
+        blocks.append(textwrap.fill("could not run: " + "; ".join(f"{', '.join(c)} ({why})"
+                                                                  for why, c in by_reason.items()),
+                                    width, subsequent_indent="    "))
     return "\n".join(blocks)
 
 

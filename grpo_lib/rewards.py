@@ -14,6 +14,13 @@ and `log_metric(name, value)` let a function log what it saw. So any function fr
 `trl.rewards` or a tutorial (`def f(completions, **kwargs)`) runs unchanged here, and ours run in TRL.
 `None` means "does not apply" (e.g. no gold answer) and is *not* a zero.
 
+A function may declare what its values mean, as attributes (as `required_columns` declares the columns it reads):
+`reward_range = (low, high)`, the values it normally takes, and `reward_kind`, one of REWARD_KINDS:
+"correctness" (is the answer right), "format" (is it written the expected way), "other" (shaping: length,
+consistency, penalties). The trainer records them in the run log and the run doctor reads them there (a group
+whose correctness rewards are all at the top is saturated, a format reward that rises while correctness stays
+flat is learned instead of the task); an undeclared function gets a guess from its name.
+
 Combining F functions with weights w:  total_i = sum_f w_f * r_{i,f}  over the f whose r_{i,f} applies;
 a completion to which no function applies is *unscorable*: its total is NaN (see advantages.py).
 """
@@ -57,6 +64,9 @@ def regex_reward(pattern: str, name: str | None = None, flags: int = re.DOTALL, 
 
     reward.__name__ = name or f"regex_reward({pattern!r})"
     reward.pattern = pattern
+    reward.reward_kind = "format"
+    if value:
+        reward.reward_range = (min(0.0, value), max(0.0, value))
     return reward
 
 
@@ -83,6 +93,7 @@ def answer_reward(completions, answer=None, **kwargs):
 
 answer_reward.__name__ = "answer"
 answer_reward.required_columns = ("answer",)  # the dataset columns it reads, checked by the trainer
+answer_reward.reward_range, answer_reward.reward_kind = (0.0, 1.0), "correctness"
 
 
 def xml_count_reward(completions, **kwargs):
@@ -99,6 +110,8 @@ def xml_count_reward(completions, **kwargs):
 
 
 xml_count_reward.__name__ = "xml_count"
+# 0.5 with every tag once; text after </answer> can take it below 0, which the doctor sees in the log
+xml_count_reward.reward_range, xml_count_reward.reward_kind = (0.0, 0.5), "format"
 
 
 def length_reward(max_chars: int = 200, name: str = "length"):
@@ -108,6 +121,7 @@ def length_reward(max_chars: int = 200, name: str = "length"):
         return [max(0.0, min(1.0, 2.0 - len(completion_text(c)) / max_chars)) for c in completions]
 
     reward.__name__ = name
+    reward.reward_range, reward.reward_kind = (0.0, 1.0), "other"
     return reward
 
 
@@ -134,6 +148,7 @@ def soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int,
                 if len(ids) <= max_completion_len else -1.0 for ids in completion_ids]
 
     reward.__name__ = name
+    reward.reward_range, reward.reward_kind = (-1.0, 0.0), "other"
     return reward
 
 
@@ -160,6 +175,8 @@ def consistency_reward(completions, **kwargs):
 
 
 consistency_reward.__name__ = "consistency"
+# whether the reasoning supports the tagged answer, not whether the answer is right: not "correctness"
+consistency_reward.reward_range, consistency_reward.reward_kind = (0.0, 1.0), "other"
 
 
 REWARD_FUNCS = {
@@ -194,6 +211,28 @@ def required_columns(funcs) -> tuple[str, ...]:
 
 def reward_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+REWARD_KINDS = ("correctness", "format", "other")
+
+
+def reward_declaration(fn) -> tuple[list[float] | None, str | None]:
+    """([low, high], kind) a reward function declares (attributes `reward_range`, `reward_kind`); None for
+    what it does not declare. A malformed declaration is an error naming the function and the fix."""
+    name, span, kind = reward_name(fn), getattr(fn, "reward_range", None), getattr(fn, "reward_kind", None)
+    if span is not None:
+        try:
+            low, high = (float(v) for v in span)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise RewardFunctionError(f"reward function {name!r} declares reward_range={span!r}; it must be a pair "
+                                      f"of finite numbers (low, high) with low < high, e.g. (0.0, 1.0)")
+        span = [low, high]
+    if kind is not None and kind not in REWARD_KINDS:
+        raise RewardFunctionError(f"reward function {name!r} declares reward_kind={kind!r}; it must be one of "
+                                  f"{REWARD_KINDS}")
+    return span, kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +272,8 @@ class RewardScores:
     total: torch.Tensor  # [N] = nansum_f w_f * per_func[:, f]; NaN where no function applies (unscorable)
     logged_metrics: dict = field(default_factory=dict)  # name -> mean of what functions passed to log_metric
     logged_columns: dict = field(default_factory=dict)  # column -> [N] values passed to log_extra
+    ranges: list = field(default_factory=list)  # [F] each function's declared [low, high], or None
+    kinds: list = field(default_factory=list)  # [F] each function's declared kind (REWARD_KINDS), or None
 
     def as_lists(self) -> list[list[float | None]]:
         """[N][F] with None for "does not apply" (how StepRecord stores it)."""
@@ -254,7 +295,8 @@ class RewardScores:
                                                         if k in s.logged_columns else [None] * len(rows))]
                    for s, _ in parts for k in s.logged_columns}
         return RewardScores(first.names, torch.cat([s.per_func[rows] for s, rows in parts]), first.weights,
-                            torch.cat([s.total[rows] for s, rows in parts]), metrics, columns)
+                            torch.cat([s.total[rows] for s, rows in parts]), metrics, columns, first.ranges,
+                            first.kinds)
 
 
 def combine_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -350,6 +392,7 @@ def score_completions(reward_funcs, prompts: list, completions: list, columns: d
     """
     funcs = resolve_reward_funcs(reward_funcs)
     names = [reward_name(f) for f in funcs]
+    declared = [reward_declaration(f) for f in funcs]
     w = torch.ones(len(funcs)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     if len(w) != len(funcs):
         raise RewardFunctionError(f"{len(w)} reward weights for {len(funcs)} reward functions {names}")
@@ -378,7 +421,8 @@ def score_completions(reward_funcs, prompts: list, completions: list, columns: d
     if num_generations:
         _warn_inapplicable_groups(per_func, num_generations, prompts)
     return RewardScores(names, per_func, w, combine_rewards(per_func, w),
-                        {k: sum(v) / len(v) for k, v in logged_metrics.items()}, logged_columns)
+                        {k: sum(v) / len(v) for k, v in logged_metrics.items()}, logged_columns,
+                        [span for span, _ in declared], [kind for _, kind in declared])
 
 
 _PER_COMPLETION = ("prompts", "completions", "completion_ids")

@@ -54,6 +54,8 @@ class StepRecord:
     token_stats: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [N][len] (logp, ratio, kl)
     logged: dict[str, list] = field(default_factory=dict)  # column -> [N] values reward functions passed to log_extra
 
+    reward_ranges: list = field(default_factory=list)  # [F] declared [low, high] of each function, or None
+    reward_kinds: list = field(default_factory=list)  # [F] declared kind ("correctness", "format", "other") or None
     @property
     def num_groups(self) -> int:
         return len(self.prompts)
@@ -143,6 +145,29 @@ def load_run_log(run_dir_or_file: str | os.PathLike) -> list[StepRecord]:
     for msg in problems:
         warnings.warn(msg, stacklevel=2)
     return sorted((StepRecord.from_dict(d) for d in entries), key=lambda r: r.step)
+
+
+# grpo_lib's metric -> TRL GRPOTrainer's name for the same quantity (trl 1.16, same definition). Each step's
+# metrics carry both names (trl_aliases), so a dashboard built for TRL runs reads ours and the run doctor reads
+# TRL's trainer_state.json through the same table; the grpo_lib names stay, for readers of older logs.
+TRL_METRIC_NAMES = {
+    "reward/mean": "reward", "reward/std": "reward_std", "adv/zero_std_frac": "frac_reward_zero_std",
+    "completion/mean_length": "completions/mean_length", "completion/truncated_frac": "completions/clipped_ratio",
+    "kl/mean": "kl", "entropy/mean": "entropy", "clip/low": "clip_ratio/low_mean", "clip/high": "clip_ratio/high_mean",
+    "clip/region": "clip_ratio/region_mean", "clip/cispo": "cispo_clip_ratio", "lr": "learning_rate",
+}
+
+
+def trl_metric_name(key: str) -> str | None:
+    """TRL's name of a grpo_lib metric (reward/<fn>/mean -> rewards/<fn>/mean), None where TRL has none."""
+    if key.startswith("reward/") and key.endswith("/mean") and key.count("/") >= 2 and key != "reward/mean":
+        return "rewards/" + key[len("reward/"):]
+    return TRL_METRIC_NAMES.get(key)
+
+
+def trl_aliases(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that TRL also logs, under TRL's names: {TRL name: value}."""
+    return {name: v for k, v in metrics.items() if (name := trl_metric_name(k))}
 
 
 def metrics_table(records: list[StepRecord]) -> dict[str, list[float]]:

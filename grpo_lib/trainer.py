@@ -164,7 +164,7 @@ class GRPOTrainer:
             truncated=rollout.truncated.tolist(), lengths=rollout.lengths.tolist(), num_generations=G,
             metrics=metrics, columns={k: [r.get(k) for r in rows] for k in rows[0]},
             completion_ids=completion_ids, tokens=self._token_strings(completion_ids), token_stats=token_stats,
-            logged=scores.logged_columns)
+            logged=scores.logged_columns, reward_ranges=scores.ranges, reward_kinds=scores.kinds)
 
     def _sample_and_score(self, rows: list[dict], times: dict[str, float]):
         """(Rollout, RewardScores) of G completions for each row; the reward functions called as TRL calls them.
@@ -511,7 +511,7 @@ def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_s
     })
     metrics.update(sampling_stats or {})
     metrics["tokens/generate_per_s"] = metrics["tokens/generated"] / max(times["generate"], 1e-9)
-    return metrics
+    return {**metrics, **runlog.trl_aliases(metrics)}  # TRL's names too (runlog.TRL_METRIC_NAMES)
 
 
 def _clone(obj):

@@ -76,8 +76,8 @@ NO_COUNTERPART: dict[str, tuple[bool, str]] = {
                                    "micro-batch in one forward"),
     "dynamic_sampling": (True, "TRL 1.16 has no dynamic sampling (DAPO): every sampled group is trained on"),
     "max_resample_rounds": (False, "only used by dynamic_sampling"),
-    "saturation_threshold": (False, "TRL runs until max_steps; stop it yourself (python -m grpo_lib doctor on its "
-                                    "logs shows saturation)"),
+    "saturation_threshold": (False, "TRL runs until max_steps; stop it yourself (python -m grpo_lib doctor "
+                                    "OUTPUT_DIR reads TRL's trainer_state.json and shows saturation)"),
     "saturation_patience": (False, "only used by saturation_threshold"),
 }
 """grpo_lib knob -> (refuse a non-default value?, why TRL has no counterpart)."""
