@@ -201,3 +201,27 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, loss_type: str =
     stats.update(clip_stats)
     stats["ratio/mean"] = masked_mean(ratio.detach(), mask).item()
     return loss, stats
+
+
+def loss_kwargs(config) -> dict:
+    """The grpo_loss keywords a GRPOConfig sets. The trainer and the notebooks both pass these, so every loss knob
+    reaches the loss the same way (entropies and the micro-batch normalisers come from the caller)."""
+    return {"loss_type": config.loss_type, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
+            "beta": config.beta, "max_completion_length": config.max_completion_length,
+            "importance_sampling_level": config.importance_sampling_level,
+            "top_entropy_quantile": config.top_entropy_quantile}
+
+
+def gradient_weights(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     **kwargs) -> torch.Tensor:
+    """Each token's weight in the policy gradient, w_it = -d loss / d logp_it, by autograd through grpo_loss
+    without the KL term: a gradient step raises logp_it along its own gradient in proportion to w_it.
+
+        at rho = 1:  grpo  A_i / (N |o_i|)    bnpo, dapo, cispo  A_i / sum_j |o_j|    dr_grpo  A_i / (N L_max)
+
+    The clip (and top_entropy_quantile) show up as w_it = 0 on the tokens they drop.
+    logps, old_logps, mask [N, T]; advantages [N]; kwargs: grpo_loss's keywords (loss_kwargs(config), entropies),
+    beta is set to 0. -> [N, T] on the device of logps, 0 on padding."""
+    logps = logps.detach().clone().requires_grad_(True)
+    value, _ = grpo_loss(logps, old_logps, None, advantages, mask, **{**kwargs, "beta": 0.0})
+    return -torch.autograd.grad(value, logps)[0]

@@ -4,7 +4,9 @@
     config = notebook_config(preset, model=MODEL, **OVERRIDES)
     print(hardware_summary()); print(config_summary(config))
 
-The presets themselves are data in grpo_lib.config.PRESETS; this module only chooses one. The choice,
+The presets themselves are data in grpo_lib.config.PRESETS; this module only chooses one. It also holds what
+several notebooks share: `scored_batch` (sample, score, z-score: notebooks 03, 04, 07 start from it) and
+`same_policy` (whether a second config loads the model already loaded). The choice,
 first match wins: the name passed in (the notebook's PRESET parameter), the GRPO_PRESET environment
 variable (CI sets GRPO_PRESET=cpu-tiny), then the hardware.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, GRPOConfig
@@ -131,3 +134,51 @@ def run_root(default: str | os.PathLike = "runs", persist: bool = False) -> Path
 
     drive.mount(DRIVE_ROOT)
     return Path(DRIVE_RUNS)
+
+
+@dataclass
+class ScoredBatch:
+    """One generation batch as the trainer's step sees it before any update (notebooks 03, 04 and 07)."""
+    rows: list[dict]  # [groups] dataset rows
+    rollout: object  # sampling.Rollout, completions [N = groups * G, T], group-major, on the model's device
+    scores: object  # rewards.RewardScores, per_func [N, F], total [N] (NaN: unscorable), on the CPU
+    rewards: object  # [groups, G] the totals, one row per prompt
+    advantages: object  # [groups, G] z-scores inside each group (advantages.group_advantages)
+    zero_std: object  # [groups] bool: the group's rewards are all equal, its advantages all 0
+
+
+def scored_batch(model, tokenizer, config: GRPOConfig, rows: list[dict] | None = None,
+                 reward_funcs=None) -> ScoredBatch:
+    """Steps 1-3 of a training step (trainer.py's docstring) on `rows` (default: the first prompts_per_step
+    rows of config.task): seed torch's RNG with config.seed (so a notebook's batch is the same on every run),
+    sample config.num_generations completions per prompt, score them with reward_funcs (default: the config's,
+    with its weights) called as TRL calls them, z-score the totals inside each group (config.scale_rewards)."""
+    from . import data, rewards, sampling
+    from .advantages import group_advantages
+    from .rng import seed_everything
+
+    rows = data.task_rows(config, "train", n=config.prompts_per_step) if rows is None else rows
+    G = config.num_generations
+    seed_everything(config.seed)
+    rollout = sampling.sample_groups(model, tokenizer, [r["prompt"] for r in rows], G, config.max_completion_length,
+                                     config.temperature, config.top_p)
+    inputs = rewards.reward_inputs(rows, rollout.completion_texts, G, rollout.completion_id_lists())
+    funcs = config.reward_funcs if reward_funcs is None else reward_funcs
+    weights = config.reward_weights if reward_funcs is None else None
+    scores = rewards.score_completions(funcs, **inputs, weights=weights, timeout_s=config.reward_timeout_s,
+                                       num_generations=G)
+    reward_matrix = scores.total.view(-1, G)  # [groups, G]
+    advantages, zero_std = group_advantages(reward_matrix, scale=config.scale_rewards)
+    return ScoredBatch(rows, rollout, scores, reward_matrix, advantages, zero_std)
+
+
+LOADING_FIELDS = ("model", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                  "gradient_checkpointing", "dtype", "seed")
+"""The GRPOConfig fields models.load_policy_from_config reads (seed: the LoRA initialisation); a test keeps the
+two in step."""
+
+
+def same_policy(a: GRPOConfig, b: GRPOConfig) -> bool:
+    """Whether load_policy_from_config(a) and load_policy_from_config(b) load the same policy, so a notebook
+    can reuse the model it loaded for config a (before any update) for config b."""
+    return all(getattr(a, f) == getattr(b, f) for f in LOADING_FIELDS)

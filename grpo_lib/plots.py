@@ -80,6 +80,31 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# completion lengths of rollouts
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_completion_lengths(lengths: dict[str, list[int]], budgets: dict[str, int]):
+    """Histogram of completion lengths (tokens, EOS included), one colour per rollout, one bar per length
+    centred on it, so a completion that filled its budget (truncated) sits on that budget's dashed line.
+    lengths: label -> [N] lengths; budgets: label -> max_completion_length."""
+    fig, axes = _subplots(1, 1, (6, 2.6))
+    ax = axes[0]
+    longest = max([max(v) for v in lengths.values()] + list(budgets.values()))
+    edges = [k - 0.5 for k in range(longest + 2)]  # bar k covers [k - 0.5, k + 0.5]
+    for label, values in lengths.items():
+        ax.hist(values, bins=edges, alpha=0.6, label=label)
+    for label, budget in budgets.items():
+        ax.axvline(budget, color="black", linestyle="--", linewidth=0.8, gid=f"budget {label}")
+    ax.set_xlabel("completion tokens (EOS included); dashed: the budgets, truncated completions sit on them")
+    ax.set_ylabel("completions")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # advantages of one step
 # ----------------------------------------------------------------------------------------------
 

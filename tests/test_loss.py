@@ -397,3 +397,40 @@ def test_variant_config_defaults_are_grpo():
     assert c.top_entropy_quantile == 0.2
     d = GRPOConfig()
     assert (d.importance_sampling_level, d.mask_truncated_completions, d.top_entropy_quantile) == ("token", False, 1.0)
+
+
+def test_loss_kwargs_carry_every_loss_knob_of_the_config():
+    from grpo_lib.loss import loss_kwargs
+
+    c = GRPOConfig(loss_type="dapo", epsilon=0.1, epsilon_high=0.3, beta=0.02, max_completion_length=40,
+                   importance_sampling_level="sequence", top_entropy_quantile=0.5)
+    assert loss_kwargs(c) == {"loss_type": "dapo", "epsilon": 0.1, "epsilon_high": 0.3, "beta": 0.02,
+                              "max_completion_length": 40, "importance_sampling_level": "sequence",
+                              "top_entropy_quantile": 0.5}
+
+
+def test_gradient_weights_by_hand():
+    """Two completions of 2 and 4 tokens, A = (+1, -1), at rho = 1: the weights of the aggregation table."""
+    from grpo_lib.loss import gradient_weights
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    logps = torch.full((2, 4), -1.0)
+    adv = torch.tensor([1.0, -1.0])
+    expected = {"grpo": (1 / (2 * 2), -1 / (2 * 4)),  # A_i / (N |o_i|)
+                "dapo": (1 / 6, -1 / 6),  # A_i / sum_j |o_j|, 6 tokens
+                "dr_grpo": (1 / 16, -1 / 16)}  # A_i / (N L_max), L_max = 8
+    for loss_type, (w_short, w_long) in expected.items():
+        w = gradient_weights(logps, logps, adv, mask, loss_type=loss_type, max_completion_length=8, beta=0.04)
+        want = torch.tensor([[w_short, w_short, 0, 0], [w_long] * 4])
+        assert torch.allclose(w, want, atol=1e-7), loss_type
+
+
+def test_gradient_weights_drop_the_clipped_token():
+    """A token whose ratio e^0.5 = 1.65 is above 1 + 0.2 with A > 0 gets no gradient; its sibling keeps 1/(1*2)."""
+    from grpo_lib.loss import gradient_weights
+
+    mask = torch.tensor([[1, 1]])
+    old = torch.tensor([[-2.0, -2.0]])
+    new = torch.tensor([[-1.5, -2.0]])
+    w = gradient_weights(new, old, torch.tensor([1.0]), mask, loss_type="grpo", epsilon=0.2)
+    assert torch.allclose(w, torch.tensor([[0.0, 0.5]]))  # the unclipped one: rho = 1, A / |o| = 1/2

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import fp16_matmuls
 
@@ -82,7 +83,7 @@ def test_notebook_follows_the_series_layout(path):
     """Install cell first (the same in every notebook, but for the extras), one papermill parameters cell with
     the preset knobs, a self-check, a Next link."""
     from grpo_lib.config import PRESETS
-    from grpo_lib.notebook_setup import install_cell
+    from grpo_lib.notebook_setup import CPU_PRESET, GPU_PRESET, install_cell
 
     nb = read(path)
     cells = code_cells(nb)
@@ -90,17 +91,107 @@ def test_notebook_follows_the_series_layout(path):
     assert cells[0].source == install_cell(extras), f"{path.name}: the install cell differs from notebook_setup.INSTALL_CELL"
     params = parameters(nb)
     assert params["PRESET"] is None and params["MODEL"] is None, "committed notebooks choose the preset from the hardware"
-    assert set(params["OVERRIDES"]) == set(PRESETS), "OVERRIDES has one entry per preset"
+    assert set(params["OVERRIDES"]) <= set(PRESETS), "OVERRIDES names presets"
+    assert {CPU_PRESET, GPU_PRESET} <= set(params["OVERRIDES"]), "OVERRIDES has an entry for each hardware's preset"
     assert "choose_preset(PRESET)" in "\n".join(c.source for c in cells), "the preset comes from notebook_setup"
     assert "self-check passed" in cells[-1].source and "assert" in cells[-1].source, "the last code cell is the self-check"
     assert "**Next:**" in nb.cells[-1].source
     assert "$$" in nb.cells[0].source, "the first cell states the equation the notebook teaches"
 
 
+MEASURED = re.compile(r"(?<![\w.])\d+\.\d+(?!\w|\.\d)%?|(?<![\w.])\d+%")
+"""A number that looks measured: a decimal (0.35, 1.4997) or a percentage (53%). Not part of a name or version
+(Qwen2.5-1.5B, v0.2.0), not an integer (G = 8, step 3)."""
+
+PROSE_CONSTANTS = {
+    "0.28": "DAPO's clip-higher epsilon_high",
+    "0.4": "notebook 07's SHIFT, a log-ratio it sets",
+    "7.0": "a spelling of an answer that answer_reward tolerates",
+    "0.5": "a math answer written several ways (1/2)",
+    "0.1": "an example gap between two rewards",
+}
+"""Decimals prose may quote beside the presets' own values: constants of an equation or an example, never a result."""
+
+
+def prose_allowed_numbers() -> set[str]:
+    """PROSE_CONSTANTS and every float-valued field of every preset (epsilon 0.2, temperature 1.0, ...)."""
+    from dataclasses import fields
+
+    from grpo_lib.config import PRESETS, GRPOConfig
+
+    values = {getattr(GRPOConfig.preset(name), f.name) for name in PRESETS for f in fields(GRPOConfig)}
+    return set(PROSE_CONSTANTS) | {str(v) for v in values if isinstance(v, float)}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_markdown_quotes_no_measured_number(path):
+    """Prose that quotes a result goes stale when a seed, a preset or the library changes. A notebook states
+    measured numbers in a cell that computes them (an IPython.display.Markdown(f"...") cell, or a print beside an
+    assert); its markdown cells may hold only constants (prose_allowed_numbers)."""
+    allowed = prose_allowed_numbers()
+    for i, cell in enumerate(read(path).cells):
+        if cell.cell_type == "markdown":
+            quoted = set(MEASURED.findall(cell.source)) - allowed
+            assert not quoted, (f"{path.name}: markdown cell {i} quotes {sorted(quoted)}: generate the sentence from "
+                                f"the values (Markdown(f\"...\")), or add a true constant to PROSE_CONSTANTS")
+
+
+def test_the_measured_number_pattern():
+    found = MEASURED.findall("A = -0.35 and 1.4997, 53% of prompts; Qwen2.5-1.5B, v0.2.0, trl==1.16.0, G = 8, "
+                             "1e-4, eps 0.2.")
+    assert found == ["0.35", "1.4997", "53%", "0.2"]
+
+
 def test_full_run_and_scale_out_share_one_config():
     """06 exports notebook 05's config: their parameters must not drift apart."""
     p05, p06 = (parameters(read(NOTEBOOKS_DIR / f"{n}.ipynb")) for n in ("05_train_4bit_lora", "06_scale_out"))
     assert p05["OVERRIDES"] == p06["OVERRIDES"]
+
+
+def test_loading_fields_are_what_load_policy_from_config_reads():
+    """notebook_setup.same_policy compares exactly the fields the loader reads: a new one read there fails here."""
+    import inspect
+
+    from grpo_lib import models
+    from grpo_lib.notebook_setup import LOADING_FIELDS
+
+    read = set(re.findall(r"\bconfig\.(\w+)", inspect.getsource(models.load_policy_from_config)))
+    assert read == set(LOADING_FIELDS)
+
+
+def test_same_policy():
+    from grpo_lib.config import GRPOConfig
+    from grpo_lib.notebook_setup import same_policy
+
+    base = GRPOConfig.preset("cpu-tiny")
+    assert same_policy(base, base.replace(temperature=1.3, max_steps=3))  # sampling and run knobs: same weights
+    assert not same_policy(base, base.replace(seed=1))  # another LoRA initialisation
+    assert not same_policy(base, base.replace(lora_r=4))
+
+
+def test_scored_batch_is_the_trainers_first_three_steps(tiny_model, tokenizer):
+    """Sampled under config.seed (twice the same), scored as TRL calls reward functions, z-scored per group."""
+    from grpo_lib import data
+    from grpo_lib.answers import completion_text
+    from grpo_lib.config import GRPOConfig
+    from grpo_lib.notebook_setup import scored_batch
+
+    def characters(completions, **kwargs):  # a reward that differs between random completions
+        return [float(len(completion_text(c))) for c in completions]
+
+    config = GRPOConfig(model="smollm2-135m", task="larger", prompts_per_step=2, num_generations=4,
+                        max_completion_length=6)
+    batch = scored_batch(tiny_model, tokenizer, config, reward_funcs=[characters])
+    again = scored_batch(tiny_model, tokenizer, config, reward_funcs=[characters])
+    texts = batch.rollout.completion_texts
+    assert texts == again.rollout.completion_texts and len(texts) == 8
+    assert [r["answer"] for r in batch.rows] == [r["answer"] for r in data.task_rows(config, "train", n=2)]
+    r = torch.tensor([float(len(t)) for t in texts]).view(2, 4)
+    assert torch.equal(batch.rewards, r)
+    for g in range(2):  # the z-score by hand: (r - mean) / (unbiased std + 1e-4), 0 in a flat group
+        flat = bool(r[g].max() == r[g].min())
+        want = torch.zeros(4) if flat else (r[g] - r[g].mean()) / (r[g].std() + 1e-4)
+        assert torch.allclose(batch.advantages[g], want, atol=1e-6) and bool(batch.zero_std[g]) == flat
 
 
 # ----------------------------------------------------------------------------------------------

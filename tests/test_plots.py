@@ -272,3 +272,20 @@ def test_eval_comparison_missing_metric_and_none():
     assert [b.get_height() for b in ax.patches] == [0.25, 0.125, 0.75]
     with pytest.raises(ValueError, match="evaluate"):
         plot_eval_comparison({"n": 3}, {})
+
+
+def test_completion_lengths_bars_are_centred_on_the_lengths():
+    """Lengths 3, 3, 5 and 5, 8 (budget 8): a bar of height 2 centred on 3, the budget line at 8 through the
+    middle of the last bar, none to its right."""
+    from grpo_lib.plots import plot_completion_lengths
+
+    fig = plot_completion_lengths({"a": [3, 3, 5], "b": [5, 8]}, {"a": 8, "b": 4})
+    ax = fig.axes[0]
+    bars = {(round(p.get_x() + p.get_width() / 2, 6), p.get_facecolor()[:3]): p.get_height()
+            for p in ax.patches if p.get_height() > 0}
+    heights = sorted((x, h) for (x, _), h in bars.items())
+    assert heights == [(3.0, 2), (5.0, 1), (5.0, 1), (8.0, 1)]
+    assert all(p.get_width() == 1.0 for p in ax.patches)
+    lines = {l.get_gid(): l.get_xdata()[0] for l in ax.lines}
+    assert lines == {"budget a": 8, "budget b": 4}
+    assert max(p.get_x() + p.get_width() for p in ax.patches if p.get_height() > 0) == 8.5  # the truncated bar: 7.5..8.5
