@@ -458,15 +458,16 @@ def check_saturation(view: RunView) -> list[Finding]:
     stopper = ("saturation_threshold is set: the run stops on its own after saturation_patience such steps"
                if view.config.get("saturation_threshold") else
                "set saturation_threshold=0.9 (with saturation_patience) to stop the run automatically")
-    evidence = (f"{_steps_text(span)} ({streak} steps in a row, to the end): >= {threshold:.0%} of groups had every "
-                f"completion correct; " if warn else "")
-    evidence += (f"in {_steps_text(view.span(last))} a median {share:.0%} of groups were all-correct; mean reward "
+    top = "all-correct" if view.of_kind("correctness") else "all at the top reward"  # no correctness reward: top
+    evidence = (f"{_steps_text(span)} ({streak} steps in a row, to the end): >= {threshold:.0%} of groups were "
+                f"{top}; " if warn else "")
+    evidence += (f"in {_steps_text(view.span(last))} a median {share:.0%} of groups were {top}; mean reward "
                  f"{_num_text(reward)} of at most {_num_text(hi)}.")
     return [Finding(
         "saturation", "warning" if warn else "info",
-        "Saturated: groups are all-correct, nothing left to learn from these prompts" if warn else
-        f"Mostly saturated: {share:.0%} of groups are all-correct", evidence,
-        "All-correct groups have zero advantage, so these steps cost compute and teach nothing. "
+        f"Saturated: groups are {top}, nothing left to learn from these prompts" if warn else
+        f"{'Saturated' if share >= threshold else 'Mostly saturated'}: {share:.0%} of groups are {top}", evidence,
+        f"Groups {top} have zero advantage, so these steps cost compute and teach nothing. "
         + ("The training reward is maxed: stop and evaluate on held-out prompts; " if maxed else
            "Evaluate on held-out prompts; ")
         + f"{stopper}; move to harder prompts; or turn on dynamic_sampling=True to resample until a step has "

@@ -308,6 +308,15 @@ def test_most_means_more_than_half():
     assert "reward is maxed" not in sat.advice  # mean reward 1.875 of 2: not maxed
 
 
+def test_saturation_without_a_correctness_reward_is_the_top_reward():
+    """A reward every completion earns (notebook 07's 'saturated' run): no function checks correctness, so a
+    saturated group is one at the top of the reward's range, and the text says so."""
+    run = [record(s, np.ones((G * GROUPS, 1)), weights=(1.0,), names=("always_satisfied",)) for s in (1, 2, 3)]
+    f = finding(diagnose(run, CONFIG), "saturation")
+    assert f.severity == "info" and f.title == "Saturated: 100% of groups are all at the top reward"
+    assert "a median 100% of groups were all at the top reward; mean reward 1 of at most 1." in f.evidence
+
+
 def test_saturation_warning_with_the_knobs_in_the_advice():
     run = make_run(fmt=lambda t: 1.0, ans=lambda t: min(1.0, 0.4 + 1.2 * t))  # all-correct from t = 0.5
     f = finding(diagnose(run, CONFIG), "saturation")
