@@ -13,11 +13,13 @@ max_completion_length, reward weights, saturation_threshold, max_skipped_steps):
     fp16_overflow     the GradScaler skipped optimiser steps repeatedly (amp/step_skipped): fp16 overflowed.
     destroyed         a run that started with some reward was wrecked by its updates: the reward fell to its
                       minimum with the KL or the truncated share blowing up. The update is too large.
-    no_signal         most groups have zero reward variance below the best reward and the run never had a
-                      signal (never learned): denser reward, easier prompts, temperature, larger G.
+    no_signal         most groups have zero reward variance below the best reward, and the run is neither
+                      destroyed nor collapsed ("from the start" when its first steps had no signal either: never
+                      learned): denser reward, easier prompts, temperature, larger G.
     collapse          most groups had a reward spread at the start and now have none, with groups that are not
-                      all-correct among them: the policy answers alike whether right or wrong (entropy collapse,
-                      a shortcut). Not saturation.
+                      all-correct among them, and sampling turned deterministic (entropy fell, or the G
+                      completions are copies): the policy answers alike whether right or wrong (a shortcut). Not
+                      saturation.
     saturation        most groups are all-correct (zero variance, every correctness reward at its top): nothing
                       left to learn from these prompts. Stop (saturation_threshold), harder prompts.
     format_not_answer a format reward rose (or sits at its top) while the correctness reward is flat or falling.
@@ -29,8 +31,8 @@ max_completion_length, reward weights, saturation_threshold, max_skipped_steps):
                       but is drowned by its weight or scale.
     unscorable        many completions no reward function applies to: advantage 0, wasted samples.
     grad_spikes       gradient-norm spikes far above the run's median; and how often clipping acts.
-    reward_decline    the mean reward fell from the first to the last part of the run.
-    reward_flat       learning signal present but the reward does not move (info).
+    reward_decline    the mean reward fell from the first to the last part of the run (check "reward_trend").
+    reward_flat       learning signal present but the reward does not move (info; check "reward_trend").
     loss_zero         "my loss is 0": with num_iterations=1 the policy-gradient term's *value* is ~0 by
                       construction (its gradient is not); the loss is about beta * KL. Info.
 
