@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import verify
 from .config import GRPOConfig
 from .data import format_prompt, shortcut_accuracy
 from .logprobs import rollout_logps
@@ -38,6 +39,23 @@ def _completions(model, tokenizer, prompts: list, max_completion_length: int, nu
     return rollout.completion_texts, rollout.completion_id_lists()
 
 
+def is_code_task(columns: dict) -> bool:
+    """Whether rows are scored by running code against their tests (no gold `answer`, and one of
+    verify.CODE_TEST_COLUMNS) rather than by a tagged answer."""
+    return "answer" not in columns and any(c in columns for c in verify.CODE_TEST_COLUMNS)
+
+
+def correctness(inputs: dict) -> list[float]:
+    """[N] how right each completion is: 1/0 against the gold `answer`, or on a code task the share of its row's
+    tests passed (verify.code_tests_reward: the pass rate); 0 where nothing applies. inputs: reward_inputs()."""
+    completions, columns = inputs["completions"], inputs["columns"]
+    if is_code_task(columns):
+        values = verify.code_tests_reward(completions, prompts=inputs["prompts"], **columns)
+    else:
+        values = answer_reward(completions, answer=columns.get("answer"))
+    return [v or 0.0 for v in values]
+
+
 def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = None, *, num_samples: int = 2,
              greedy: bool = False, temperature: float | None = None, top_p: float | None = None,
              max_completion_length: int | None = None, seed: int = 0, batch_size: int = 32,
@@ -47,7 +65,8 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
     Sampling settings come from `config` (default GRPOConfig()): temperature, top_p,
     max_completion_length, and the reward functions and weights of "reward/mean"; the keyword arguments
     override them. greedy=True: one greedy completion per prompt.
-    Returns {"format": share with one well-formed <answer>NUMBER</answer>, "accuracy": share correct,
+    Returns {"format": share with one well-formed <answer>NUMBER</answer> (on a code task: with a closed ```python
+    block that parses), "accuracy": share correct (on a code task: tests passed / total; see correctness),
     "reward/mean": mean total of the reward functions over the scorable completions, "consistency": share of
     the completions that state "X is larger than Y" whose claims are true and agree with their tag (NaN when
     none does; rewards.consistency_reward), "shortcut": {"name", "accuracy"} of the task's known trick on
@@ -70,8 +89,9 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
                                                 temperature, top_p)
             texts, ids = texts + more_texts, ids + more_ids
     inputs = reward_inputs(rows, texts, num_samples, ids)
-    fmt = format_reward(inputs["completions"])
-    correct = [v or 0.0 for v in answer_reward(inputs["completions"], answer=inputs["columns"].get("answer"))]
+    code = is_code_task(inputs["columns"])
+    fmt = (verify.code_syntax_reward if code else format_reward)(inputs["completions"])
+    correct = correctness(inputs)
     total = score_completions(funcs, **inputs, weights=weights).total
     scorable = total[~total.isnan()]
     consistent = [v for v in consistency_reward(inputs["completions"]) if v is not None]
@@ -80,7 +100,7 @@ def evaluate(model, tokenizer, rows: list[dict], config: GRPOConfig | None = Non
             "reward/mean": scorable.mean().item() if scorable.numel() else float("nan"),
             "consistency": sum(consistent) / len(consistent) if consistent else float("nan"),
             "shortcut": None if shortcut is None else {"name": shortcut[0], "accuracy": shortcut[1]},
-            "n": len(rows), "samples": len(texts), "completions": texts,
+            "n": len(rows), "samples": len(texts), "completions": texts, "task_kind": "code" if code else "answer",
             "settings": {"greedy": greedy, "temperature": temperature, "top_p": top_p, "num_samples": num_samples,
                          "max_completion_length": max_completion_length, "seed": seed}}
 
@@ -124,7 +144,8 @@ def comparison_table(before: dict, after: dict) -> str:
     same before and after: a property of the prompts, not of the model)."""
     head = f"held-out prompts: {before['n']} ({before.get('samples', before['n'])} completions)"
     lines = [f"{head:<42}{'before':>8}{'after':>8}{'change':>9}"]
-    rows = [("format", "format compliance"), ("accuracy", "correct answer"), ("reward/mean", "mean reward")]
+    correct = "tests passed (pass rate)" if before.get("task_kind") == "code" else "correct answer"
+    rows = [("format", "format compliance"), ("accuracy", correct), ("reward/mean", "mean reward")]
     if all(isinstance(d.get("consistency"), float) and not math.isnan(d["consistency"]) for d in (before, after)):
         rows.append(("consistency", "sentence agrees with the tag"))  # NaN: no completion made a claim
     for key, label in rows:

@@ -35,7 +35,7 @@ def test_presets_are_valid_and_differ():
     tiny, t4 = GRPOConfig.preset("cpu-tiny"), GRPOConfig.preset("colab-t4")
     assert tiny.model == "smollm2-135m" and not tiny.load_in_4bit
     assert t4.load_in_4bit and t4.num_generations == 8 and t4.max_completion_length >= 256
-    assert set(PRESETS) == {"cpu-tiny", "colab-t4"}
+    assert set(PRESETS) == {"cpu-tiny", "colab-t4", "cpu-code", "colab-t4-code"}
     with pytest.raises(ConfigError, match="unknown preset"):
         GRPOConfig.preset("tpu-huge")
 
