@@ -469,7 +469,8 @@ def check_saturation(view: RunView) -> list[Finding]:
         "saturation", "warning" if warn else "info",
         f"Saturated: groups are {top}, nothing left to learn from these prompts" if warn else
         f"{'Saturated' if share >= threshold else 'Mostly saturated'}: {share:.0%} of groups are {top}", evidence,
-        f"Groups {top} have zero advantage, so these steps cost compute and teach nothing. "
+        "A group whose G completions score alike has zero advantage, so these steps cost compute and teach "
+        "nothing. "
         + ("The training reward is maxed: stop and evaluate on held-out prompts; " if maxed else
            "Evaluate on held-out prompts; ")
         + f"{stopper}; move to harder prompts; or turn on dynamic_sampling=True to resample until a step has "
