@@ -111,7 +111,6 @@ def _spec(name, V, H, I, L, nh, nkv, hd, tie, bias=False) -> ModelSpec:
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
     _spec("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, 64, True, True),
     _spec("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
-    _spec("Qwen2.5-Coder-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
     _spec("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, 128, True, True),
     _spec("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 128, False, True),
     _spec("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, 64, True),
@@ -188,7 +187,7 @@ COMPONENTS = {
     "merged_weights": ("generation", "LoRA merged into a copy of the adapted base weights while sampling"),
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
     "activations": ("training", "tensors autograd saves for backward: a micro-batch, or one group on the shared path"),
-    "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward"),
+    "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward (+ its fp16 weight copy)"),
     "layer_backward": ("training", "one layer's backward: its recomputed activations (checkpointing), gradients"),
 }
 
@@ -333,9 +332,12 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
     # 3) reference pass (no grad) and 4) training, one micro-batch each (on the shared-prompt path, a backward
     # every groups_per_backward groups)
     ckpt = config.gradient_checkpointing
-    components["reference_pass"] = _micro_batch(spec, config, P, stream_fp32, ckpt, grad=False)[0]
-    with_ckpt = _micro_batch(spec, config, P, stream_fp32, True)
-    without = _micro_batch(spec, config, P, stream_fp32, False)
+    # logprobs.head_dtype: QLoRA's fp32 head multiplies from a copy in the compute dtype, alive while a pass's
+    # head runs (forward, and its backward, which comes first)
+    head = spec.vocab_size * spec.hidden_size * wb if four_bit and wb < 4 else 0
+    components["reference_pass"] = _micro_batch(spec, config, P, stream_fp32, ckpt, grad=False, head=head)[0]
+    with_ckpt = _micro_batch(spec, config, P, stream_fp32, True, head=head)
+    without = _micro_batch(spec, config, P, stream_fp32, False, head=head)
     components["activations"], components["logits"], components["layer_backward"] = with_ckpt if ckpt else without
     act_ckpt, act_plain = with_ckpt[0] + with_ckpt[2], without[0] + without[2]  # activations, logits aside
     phases = {"generation": components["kv_cache"] + components["sampling_buffers"] + components["merged_weights"],
@@ -356,8 +358,8 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
         settings={"prompt_tokens": P, "completion_tokens": T, "num_generations": config.num_generations,
                   "completions": N, "micro_batch": n, "groups_per_micro_batch": groups,
                   "gradient_accumulation_steps": config.gradient_accumulation_steps,
-                  "gradient_checkpointing": ckpt, "share_prompt_forward": config.share_prompt_forward and not ckpt,
-                  "backward_per_group": _backward_per_group(config, ckpt),
+                  "gradient_checkpointing": ckpt, "share_prompt_forward": config.uses_shared_prompt_forward,
+                  "backward_per_group": config.backward_per_group,
                   "groups_per_backward": config.groups_per_backward,
                   "load_in_4bit": four_bit, "lora_r": r, "trainable_params": trainable,
                   "params": spec.num_params, "logprob_chunk_size": config.logprob_chunk_size},
@@ -372,7 +374,7 @@ def _training_phase(micro_batch: tuple[float, float, float]) -> float:
 
 
 def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointing: bool,
-                 grad: bool = True) -> tuple[float, float, float]:
+                 grad: bool = True, head: float = 0.0) -> tuple[float, float, float]:
     """(activations, logits, layer backward) bytes of one forward + backward through logprobs.rollout_logps:
     a micro-batch, or on the shared-prompt path config.groups_per_backward groups of it.
 
@@ -381,24 +383,24 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     grad=True: activations = what autograd saves until backward reaches it (with checkpointing only
     each layer's input); logits = the [chunk, vocab] blocks of the head's backward, which runs first;
     layer backward = what one decoder layer's backward adds once the logits are freed (with
-    checkpointing: the layer recomputed with everything saved, and its gradients).
+    checkpointing: the layer recomputed with everything saved, and its gradients). head: bytes of the output
+    head's compute-dtype copy (counted with the logits: freed once the head's backward is done).
     """
     L, V, H, I = spec.num_layers, spec.vocab_size, spec.hidden_size, spec.intermediate_size
     Hq, Hkv, T = spec.q_dim, spec.kv_dim, config.max_completion_length
     ab = 4 if stream_fp32 else 2  # bytes per activation element
     n, groups, per_group = microbatch_shape(config)
-    # the shared-prompt path needs use_cache, which gradient checkpointing switches off (trainer._logps)
-    share = config.share_prompt_forward and not checkpointing
+    share = config.uses_shared_prompt_forward  # as the trainer: one rule, with or without checkpointing
     # a no-grad pass runs the micro-batch at once; training calls backward after every groups_per_backward
     # groups, unless top_entropy_quantile < 1 needs the whole micro-batch scored first
-    if share and grad and _backward_per_group(config, checkpointing):
+    if grad and config.backward_per_group:
         k = min(config.groups_per_backward, groups)
         n, groups = per_group * k, k
     tokens = n * T + groups * P if share else n * (P + T)  # tokens one forward runs through the body
     chunk = min(config.logprob_chunk_size, n * T)  # completion positions one output-head call scores
     if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the group's cache
         cache = n * (P + T) * L * 2 * Hkv * ab if share else 0
-        return tokens * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4, 0.0, 0.0
+        return tokens * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4 + head, 0.0, 0.0
     per_token = layer_activation_bytes(spec, stream_fp32, config.lora_target_modules, config.lora_r,
                                        config.lora_dropout)
     # keys/values SDPA saves: with an attention mask (always on the shared-prompt path) they are
@@ -410,15 +412,13 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     layer = tokens * per_token + kv  # one layer with everything saved
     outside = tokens * 3 * H * ab  # final norm input/output and the hidden states the head reads
     grads = tokens * (I + 2 * H) * ab  # gradients alive inside a layer's backward (measured: ~1 I-sized)
+    logits = LOGITS_BLOCKS_TRAIN * chunk * V * 4 + head
     if checkpointing:  # each layer's input is kept; a layer is recomputed when its backward comes
-        return (L + 1) * tokens * H * ab + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, layer + grads
-    return L * layer + outside, LOGITS_BLOCKS_TRAIN * chunk * V * 4, grads
-
-
-def _backward_per_group(config, checkpointing: bool) -> bool:
-    """Whether training calls backward once per group (trainer._backward_parts): on the shared-prompt path,
-    unless top_entropy_quantile < 1 (its quantile is over the whole micro-batch's tokens)."""
-    return config.share_prompt_forward and not checkpointing and config.top_entropy_quantile == 1.0
+        # on the shared path the replay also needs what each layer read from the cache: the prompts' keys/values
+        # and each completion row's copy of its prompt's (logprobs._rows_of), all layers, until backward
+        replay_kv = L * (n + groups) * P * 2 * Hkv * ab if share else 0
+        return (L + 1) * tokens * H * ab + outside + replay_kv, logits, layer + grads
+    return L * layer + outside, logits, grads
 
 
 def _fmt(b: float) -> str:
@@ -488,7 +488,7 @@ def _verdict(report: MemoryReport) -> str:
 def _options(config, spec: ModelSpec) -> list[tuple[dict, str]]:
     """Single changes that save memory, ordered by how little they change training."""
     out = []
-    if config.groups_per_backward > 1 and _backward_per_group(config, config.gradient_checkpointing):
+    if config.groups_per_backward > 1 and config.backward_per_group:
         out.append(({"groups_per_backward": 1}, "one group per backward: same math, smaller matrix products"))
     if not config.gradient_checkpointing:
         out.append(({"gradient_checkpointing": True}, "recompute activations in backward: ~30% slower, same math"))

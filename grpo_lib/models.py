@@ -174,12 +174,12 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # checkpointing is enabled below, as without 4-bit (peft's own call would leave it reentrant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if torch.device(device).type == "cpu":
             keep_4bit_weights_trainable_on_cpu(model)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora_r > 0:
         from peft import get_peft_model
 
@@ -189,6 +189,25 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+"""torch.utils.checkpoint's arguments for every checkpointed layer. Non-reentrant: gradients also reach tensors
+a layer closes over (the prompt's KV cache on the shared-prompt path, logprobs.cache_through_checkpointing), no
+input needs requires_grad, and torch warns when the choice is left to its (reentrant) default, as peft's
+prepare_model_for_kbit_training leaves it."""
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (in training mode), with CHECKPOINTING_KWARGS.
+    transformers >= 5.2x names it activation_checkpointing_enable (gradient_checkpointing_enable warns that it is
+    deprecated); earlier versions have only gradient_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+    if not getattr(model, "_require_grads_hooks", None):  # transformers 5.2x's enable call already adds it
+        model.enable_input_require_grads()  # frozen embeddings' output requires grad: what older versions expect
 
 
 def keep_4bit_weights_trainable_on_cpu(model) -> int:

@@ -217,16 +217,11 @@ class GRPOTrainer:
         kept_scores = RewardScores.cat([(batch[2], r) for (batch, _), r in zip(chosen, rows_of)])
         return kept_rows, kept_rollout, kept_scores, stats
 
-    @property
-    def _share_prompt(self) -> bool:
-        # the KV-cache trick needs use_cache, which gradient checkpointing switches off
-        return self.config.share_prompt_forward and not self.config.gradient_checkpointing
-
     def _logps(self, rollout, idx: torch.Tensor, model=None, with_entropy: bool = False):
         """[n, T] log-probs of the completions idx; with_entropy: and the policy's entropies (same pass)."""
         c = self.config
         return rollout_logps(model or self.model, rollout, idx, c.temperature, c.logprob_chunk_size,
-                             self._share_prompt, with_entropy)
+                             c.uses_shared_prompt_forward, with_entropy)
 
     def _microbatches(self, N: int) -> list[torch.Tensor]:
         return list(torch.arange(N).chunk(self.config.gradient_accumulation_steps))
@@ -242,7 +237,7 @@ class GRPOTrainer:
         quantile is taken over all of its tokens (as TRL's over its micro-batch), so they must all be scored
         before any backward.
         """
-        if not self._share_prompt or self.config.top_entropy_quantile < 1.0:
+        if not self.config.backward_per_group:
             return [idx]
         groups = rollout.group_index.to(idx.device)[idx]
         kept = groups.unique(sorted=True)

@@ -220,3 +220,167 @@ def test_several_prompts_of_different_lengths_in_one_shared_batch(tiny_peft_mode
             full = full_logsoftmax_logps(tiny_peft_model, torch.cat([real, ids[i]])[None],
                                          torch.ones(1, len(real) + 7, dtype=torch.long), 7)[0]
             torch.testing.assert_close(got[i, :lengths[i]], full[:lengths[i]], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared-prompt path under gradient checkpointing; the output head in the compute dtype
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_batches(model, run):
+    """The (batch, length) of every input layer 0's attention sees while `run()` runs, replays in backward
+    included (a submodule's hooks run inside the checkpoint)."""
+    seen = []
+    attn = model.get_base_model().model.layers[0].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["hidden_states"].shape[:2])),
+                                            with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    return out, seen
+
+
+def test_shared_prompt_path_under_checkpointing_equals_it_without(tokenizer):
+    """Gradient checkpointing on the shared-prompt path: the same log-probs and LoRA gradients as without it,
+    and as the full log-softmax over each completion after its own prompt. Each prompt still runs once (layer
+    0's attention sees the 2 prompts as one batch of 2), and every layer call is replayed once in backward."""
+    from grpo_lib.models import enable_gradient_checkpointing
+    from tests.conftest import add_random_lora, make_tiny_llama
+
+    r = make_rollout(tokenizer)
+    idx, weights = torch.arange(6), torch.linspace(-1, 1, 36).reshape(6, 6)
+    results = {}
+    for ckpt in (False, True):
+        model = add_random_lora(make_tiny_llama(len(tokenizer)))
+        if ckpt:
+            enable_gradient_checkpointing(model.get_base_model())
+        model.train()  # transformers checkpoints only in training mode
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def run():
+            logps = rollout_logps(model, r, idx, 0.7, chunk_size=4, share_prompt=True)
+            return logps, torch.autograd.grad((logps * weights * r.completion_mask).sum(), params)
+
+        (logps, grads), seen = attention_batches(model, run)
+        results[ckpt] = logps.detach(), grads, seen
+        if not ckpt:
+            input_ids, attn = full_inputs(r)
+            with torch.no_grad():
+                expected = full_logsoftmax_logps(model, input_ids, attn, 6, temperature=0.7)
+            m = r.completion_mask.bool()
+            torch.testing.assert_close(logps.detach()[m], expected[m], rtol=1e-5, atol=1e-5)
+    (plain, g_plain, seen_plain), (ckpt, g_ckpt, seen_ckpt) = results[False], results[True]
+    torch.testing.assert_close(ckpt, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_ckpt, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in g_plain)
+    assert seen_plain[0][0] == 2  # the 2 prompts in one batch, then their completions on the cache
+    assert sorted(seen_ckpt) == sorted(seen_plain + seen_plain)  # each call once more, in backward
+
+
+def test_reentrant_checkpointing_is_refused_on_the_shared_path(tiny_peft_model, tokenizer):
+    """Reentrant checkpointing would not send gradients through the prompt's cache: a clear error, not silently
+    wrong gradients."""
+    tiny_peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    tiny_peft_model.train()
+    with pytest.raises(ValueError, match="non-reentrant"):
+        rollout_logps(tiny_peft_model, make_rollout(tokenizer), torch.arange(6), share_prompt=True)
+    assert not any("_can_checkpoint_with_cache" in vars(m) for m in tiny_peft_model.modules())  # nothing left set
+
+
+def test_head_in_a_lower_dtype_matches_the_fp32_head_and_passes_gradients(tiny_model):
+    """token_logps_from_hidden with dtype=fp16: z = fp32(W_fp16 h_fp16), log-softmax in fp32. Against the fp32
+    head: log-probs within fp16's rounding of the inputs (relative 2^-11 on each factor of every product),
+    gradients to the hidden states likewise; the head's weight stays fp32 and gets no gradient."""
+    from grpo_lib.logprobs import output_head, token_logps_from_hidden
+
+    head = output_head(tiny_model)
+    head.weight.requires_grad_(False)  # frozen, as under LoRA
+    g = torch.Generator().manual_seed(0)
+    hidden = (3 * torch.randn(2, 5, head.in_features, generator=g)).requires_grad_()
+    targets = torch.randint(0, head.out_features, (2, 5), generator=g)
+    exact = token_logps_from_hidden(head, hidden, targets, 0.7, chunk_size=3)
+    (g_exact,) = torch.autograd.grad(exact.sum(), hidden)
+    half = token_logps_from_hidden(head, hidden, targets, 0.7, chunk_size=3, dtype=torch.float16)
+    (g_half,) = torch.autograd.grad(half.sum(), hidden)
+    assert half.dtype == torch.float32 and head.weight.dtype == torch.float32
+    logits = hidden.detach() @ head.weight.T  # [2, 5, V] the exact logits, for the size of their rounding
+    tol = 4 * 2.0**-11 * (hidden.detach().abs() @ head.weight.abs().T).max().item() / 0.7
+    assert 0 < (half - exact).abs().max() < tol, ((half - exact).abs().max(), tol)
+    assert logits.abs().max() > 1  # logits large enough for fp16 rounding to show
+    torch.testing.assert_close(g_half, g_exact, rtol=1e-2, atol=1e-3)
+    assert head.weight.grad is None
+
+
+def test_colab_t4_path_on_cpu_nf4_fp16_checkpointing(tmp_path, tokenizer):
+    """The colab-t4 code path (nf4 base, fp16 compute, LoRA, gradient checkpointing) on the CPU with fp16 matmuls
+    as a GPU computes them: the head runs from an fp16 copy of peft's fp32 head, and the shared-prompt path
+    under checkpointing gives the plain path's log-probs and LoRA gradients (within fp16 rounding)."""
+    from grpo_lib.logprobs import head_dtype, output_head
+    from grpo_lib.models import load_policy
+    from tests.conftest import make_tiny_llama
+    from tests.fp16_matmuls import Fp16MatmulsInFloat32
+
+    make_tiny_llama(len(tokenizer), hidden=64).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_policy(str(tmp_path), load_in_4bit=True, lora_r=4, gradient_checkpointing=True, device="cpu",
+                           dtype=torch.float16)
+    assert output_head(model).weight.dtype == torch.float32 and head_dtype(model) == torch.float16
+    for name, p in model.named_parameters():  # random B: the adapters change the outputs
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    r = make_rollout(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    out = {}
+    with Fp16MatmulsInFloat32():
+        for share in (True, False):
+            logps = rollout_logps(model, r, torch.arange(6), 1.0, chunk_size=4, share_prompt=share)
+            out[share] = logps.detach(), torch.autograd.grad((logps * r.completion_mask).sum(), params)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(out[True][0][m], out[False][0][m], rtol=0, atol=2e-2)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+    assert all(torch.isfinite(g).all() for g in out[True][1]) and any(g.abs().sum() > 0 for g in out[True][1])
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_checkpointing_is_requested_non_reentrant_without_warnings(tmp_path, tokenizer, monkeypatch, four_bit):
+    """load_policy asks torch's checkpoint for use_reentrant=False in every checkpointed layer (peft's kbit
+    preparation would leave it to torch's reentrant default, with a warning), through transformers' current
+    entry point (no deprecation FutureWarning); a training forward + backward warns about neither."""
+    import warnings
+
+    import transformers.modeling_utils
+
+    from grpo_lib.logprobs import _checkpointed_layers, backbone
+    from grpo_lib.models import load_policy
+    from tests.conftest import make_tiny_llama
+
+    calls = []
+    real = transformers.modeling_utils.checkpoint
+
+    def recording_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant", "not passed"))
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recording_checkpoint)
+    make_tiny_llama(len(tokenizer), hidden=64).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = load_policy(str(tmp_path), load_in_4bit=four_bit, lora_r=4, gradient_checkpointing=True,
+                               device="cpu")
+        model.train()
+        r = make_rollout(tokenizer)
+        for share in (True, False):
+            rollout_logps(model, r, torch.arange(6), share_prompt=share).sum().backward()
+    layers = _checkpointed_layers(backbone(model))
+    assert len(layers) == 2 and all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+                                    for m in layers)
+    # 2 layers x (prompt + completion runs) on the shared path + 2 layers on the plain one, each once in forward
+    assert len(calls) >= 6 and set(calls) == {False}
+    about = [str(w.message) for w in caught if "reentrant" in str(w.message)
+             or "gradient_checkpointing_enable" in str(w.message)]
+    assert about == []

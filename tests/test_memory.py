@@ -123,7 +123,7 @@ def test_cheaper_knobs_lower_the_prediction():
         smaller = memory.estimate(one.replace(gradient_accumulation_steps=ga), "Qwen2.5-1.5B-Instruct")
         assert smaller.phases["training"] == r1.phases["training"]
         assert smaller.phases["reference"] < r1.phases["reference"]
-    ckpt = base.replace(gradient_checkpointing=True)  # no shared prompt: a micro-batch is one backward
+    ckpt = base.replace(gradient_checkpointing=True, share_prompt_forward=False)  # a micro-batch is one backward
     assert (memory.estimate(ckpt.replace(gradient_accumulation_steps=4), "Qwen2.5-1.5B-Instruct").total_bytes
             < memory.estimate(ckpt, "Qwen2.5-1.5B-Instruct").total_bytes)
     full = memory.estimate(base.replace(load_in_4bit=False), "Qwen2.5-1.5B-Instruct")
@@ -145,10 +145,15 @@ def test_top_entropy_quantile_keeps_the_micro_batch_in_one_backward():
     assert not whole.settings["backward_per_group"] and per_group.settings["backward_per_group"]
     assert "a backward every 1 group(s)" in memory.format_report(per_group)
     assert "a backward every" not in memory.format_report(whole)
-    # one group per micro-batch, or the plain path (gradient checkpointing): a backward per micro-batch anyway
-    for same in (dict(gradient_accumulation_steps=4), dict(gradient_checkpointing=True)):
+    # one group per micro-batch, or the plain path: a backward per micro-batch anyway
+    for same in (dict(gradient_accumulation_steps=4), dict(share_prompt_forward=False)):
         assert (memory.estimate(base.replace(top_entropy_quantile=0.2, **same), spec).phases
                 == memory.estimate(base.replace(**same), spec).phases), same
+    # under gradient checkpointing the shared path (and its backward per group) stays
+    ckpt = base.replace(gradient_checkpointing=True)
+    assert memory.estimate(ckpt, spec).settings["backward_per_group"]
+    assert (memory.estimate(ckpt.replace(top_entropy_quantile=0.2), spec).phases["training"]
+            > memory.estimate(ckpt, spec).phases["training"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +176,8 @@ def test_default_device_bytes_without_a_gpu():
 
 
 def test_7b_does_not_fit_the_t4_preset_and_the_advice_says_what_would():
-    c = GRPOConfig.preset("colab-t4")
+    # without the shared-prompt forward (with it, checkpointed, the 7B plans at ~96% of 15 GiB: "tightly")
+    c = GRPOConfig.preset("colab-t4", share_prompt_forward=False)
     r = memory.estimate(c, "Qwen/Qwen2.5-7B-Instruct", 15 * GiB)
     assert not r.fits
     text = memory.format_report(r)
@@ -196,7 +202,8 @@ def test_cli_plan_prints_the_table_and_exits_by_the_verdict():
     from grpo_lib.cli import main
 
     assert main(["plan", "--preset", "colab-t4"]) == 0
-    assert main(["plan", "--preset", "colab-t4", "--set", "model=Qwen/Qwen2.5-7B-Instruct"]) == 1
+    assert main(["plan", "--preset", "colab-t4", "--set", "model=Qwen/Qwen2.5-7B-Instruct",
+                 "--set", "share_prompt_forward=False"]) == 1
 
 
 # ----------------------------------------------------------------------------------------------

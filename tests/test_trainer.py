@@ -434,6 +434,35 @@ def test_mask_truncated_completions_removes_their_gradient_exactly(tokenizer, sh
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_the_planner_plans_the_path_the_trainer_takes(tokenizer, monkeypatch, checkpointing, share, rho):
+    """memory.estimate and the trainer agree on a config's path: the share_prompt the trainer passes to every
+    rollout_logps call of an update (reference and training passes) is the planner's share_prompt_forward, and
+    the trainer calls backward per group (4 groups, one micro-batch: 4 backward parts) exactly when the planner
+    says backward_per_group."""
+    import grpo_lib.trainer as tr
+    from grpo_lib import memory
+    from grpo_lib.models import enable_gradient_checkpointing
+
+    trainer = make_trainer(tokenizer, prompts_per_step=4, groups_per_backward=1, top_entropy_quantile=rho,
+                           gradient_checkpointing=checkpointing, share_prompt_forward=share)
+    if checkpointing:
+        enable_gradient_checkpointing(trainer.model.get_base_model())
+    rollout = sample_groups(trainer.model, tokenizer, [r["prompt"] for r in trainer.next_rows()], 4, 6, 1.0, 1.0)
+    shares, backwards = [], []
+    real_logps = tr.rollout_logps
+    monkeypatch.setattr(tr, "rollout_logps", lambda *a, **kw: shares.append(a[5]) or real_logps(*a, **kw))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **kw: backwards.append(1) or
+                        torch.autograd.backward(self, *a, **kw))
+    trainer._update(rollout, torch.linspace(-1, 1, 16))
+    plan = memory.estimate(trainer.config, trainer.model, device="cpu").settings
+    assert shares and set(shares) == {plan["share_prompt_forward"]}
+    assert len(backwards) == (4 if plan["backward_per_group"] else 1)
+    assert plan["share_prompt_forward"] == share  # gradient checkpointing does not switch the shared path off
+
+
 def test_top_entropy_quantile_keeps_micro_batches_whole(tokenizer):
     """The quantile is over a micro-batch's tokens, so the shared-prompt path scores the whole micro-batch
     before its backward (one part per micro-batch, not per group)."""
