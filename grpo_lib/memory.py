@@ -111,6 +111,7 @@ def _spec(name, V, H, I, L, nh, nkv, hd, tie, bias=False) -> ModelSpec:
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
     _spec("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, 64, True, True),
     _spec("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
+    _spec("Qwen2.5-Coder-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
     _spec("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, 128, True, True),
     _spec("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 128, False, True),
     _spec("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, 64, True),
