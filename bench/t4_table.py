@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="colab-t4")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    ap.add_argument("--device-gib", type=float, default=15.0, help="device memory (a T4 reports 15 GiB)")
+    ap.add_argument("--device-gib", type=float, default=memory.T4_REPORTED_BYTES / memory.GiB,
+                    help="device memory (default: what a Colab T4 reports, 14.56 GiB)")
     args = ap.parse_args(argv)
     config = GRPOConfig.preset(args.preset, **parse_overrides(args.set))
     print(table(config, int(args.device_gib * memory.GiB)))

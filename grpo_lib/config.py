@@ -132,6 +132,10 @@ class GRPOConfig:
     above this (e.g. 0.9) for saturation_patience steps in a row; None never stops early."""
     saturation_patience: int = 3
     """Steps in a row above saturation_threshold before the run stops."""
+    max_skipped_steps: int = 10
+    """Stop the run once fp16 loss scaling has skipped this many optimiser steps in a row (inf/NaN gradients:
+    the log's amp/step_skipped); 0 never stops. GradScaler starts at 2^16 and halves its scale at each skip, so
+    a few skips at the start are normal; 10 in a row (scale 2^6) means the forward or the loss overflows."""
     seed: int = 0
     """Seeds python, numpy and torch (sampling included)."""
 
@@ -379,6 +383,8 @@ def validate(c: GRPOConfig) -> None:
     _require(c.saturation_threshold is None or 0 < c.saturation_threshold <= 1, "saturation_threshold",
              c.saturation_threshold, "must be in (0, 1] (a share of zero-variance groups, e.g. 0.9), or None")
     _require(c.saturation_patience >= 1, "saturation_patience", c.saturation_patience, "must be >= 1")
+    _require(c.max_skipped_steps >= 0, "max_skipped_steps", c.max_skipped_steps,
+             "must be >= 0 (skipped fp16 steps in a row before the run stops; 0 never stops)")
     _require(all(t in TRACKERS for t in c.report_to), "report_to", c.report_to,
              f"name trackers from {TRACKERS} (or none: [])")
     _require(c.reward_timeout_s > 0, "reward_timeout_s", c.reward_timeout_s, "must be > 0 seconds")

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 GiB = 2**30
 MiB = 2**20
-T4_REPORTED_BYTES = 15 * GiB  # the default without a GPU: torch / nvidia-smi report ~15 GiB of a T4's "16 GB"
+# the default without a GPU: a Colab T4's "16 GB" as torch reports it there, 14.56-14.75 GiB; plan for the least
+T4_REPORTED_BYTES = int(14.56 * GiB)
 CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspace + loaded kernels, typical for a T4 under torch
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -234,7 +235,7 @@ class MemoryReport:
 
 
 def default_device_bytes(device: str = "cuda") -> int:
-    """The detected GPU's total memory; without a GPU, what a Colab T4 reports (15 GiB). For
+    """The detected GPU's total memory; without a GPU, what a Colab T4 reports (14.56 GiB). For
     device="cpu": the machine's physical memory."""
     if device == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -288,7 +289,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
 
     model_or_spec: a name (default config.model), a transformers config, a loaded model or a ModelSpec.
     device: "cuda" (fp16/bf16 compute, the default: planning for a GPU) or "cpu" (fp32, no CUDA context).
-    device_bytes: memory to compare with (default: the detected GPU, else a T4's 15 GiB; RAM for "cpu").
+    device_bytes: memory to compare with (default: the detected GPU, else a T4's 14.56 GiB; RAM for "cpu").
     prompt_length: formatted prompt tokens (default: a typical length for config.task, at most
     config.max_prompt_length; prompts are left-padded to the longest of a step).
     """

@@ -56,6 +56,8 @@ def embedded_model_path(name: str = "smollm2-135m") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf = embedded_gguf_file(package)
+    require_package("gguf", "gguf==0.19.0", f"converting the embedded model {name!r} from its GGUF file",
+                    "or load a transformers folder or hub id instead (model=...)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -102,13 +104,37 @@ def model_compute_dtype(model) -> torch.dtype:
     return (frozen or params)[0].dtype
 
 
+def fp16_matmuls_accumulate_in_fp32(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """Under fp16 compute on CUDA, have cuBLAS accumulate each fp16 matrix product in fp32 and round only its
+    result to fp16: no reduced-precision (fp16) reductions of split-K partial sums, no fp16 accumulation. A
+    partial sum can overflow 65504 where the product fits (long reductions: a 4864-wide MLP, the head over
+    the hidden size); tests/fp16_matmuls.py simulates exactly this on the CPU. These are process-wide cuBLAS
+    flags (torch has no per-model one), set where an fp16 model is loaded or trained. Returns whether set."""
+    if dtype != torch.float16 or torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False  # torch's default is True
+    return True  # fp16 accumulation (allow_fp16_accumulation, torch >= 2.7) is off unless a user turns it on
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_package(module: str, pip_name: str, needed_for: str, alternative: str) -> None:
+    """An ImportError naming what needs `module` and the fix, if it cannot be imported (optional extras such as
+    bitsandbytes and gguf are imported only when a run asks for them)."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{needed_for} needs the package {module!r}, which is not installed: "
+                          f"pip install {pip_name}, {alternative}")
 
 
 def bnb_4bit_config(dtype: torch.dtype):
     """QLoRA's quantisation: nf4 with double quantisation, matmuls in `dtype`."""
     from transformers import BitsAndBytesConfig
+
+    require_package("bitsandbytes", "bitsandbytes==0.50.2", "load_in_4bit=True (nf4 base weights)",
+                    "or set load_in_4bit=False (fp16/bf16 base weights + LoRA: more memory, see "
+                    "`python -m grpo_lib plan`)")
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
@@ -162,6 +188,7 @@ def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = Fals
 
     device = device or default_device()
     dtype = dtype or compute_dtype(device)
+    fp16_matmuls_accumulate_in_fp32(dtype, device)
     path = resolve_model_path(name_or_path)
     kwargs = {"dtype": dtype}
     if load_in_4bit:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -245,7 +246,8 @@ def read_run_config(run_dir: str | os.PathLike) -> dict | None:
 
 
 # Fields that may differ between the original run and its resume without changing what is learned.
-RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "num_eval_prompts", "reward_timeout_s"}
+RESUMABLE_CHANGES = {"max_steps", "save_steps", "save_total_limit", "num_eval_prompts", "reward_timeout_s",
+                     "max_skipped_steps"}
 
 
 def config_differences(old: dict, new: dict) -> dict[str, tuple]:
@@ -285,13 +287,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write_fn, keep: int) 
         old = root / f".old-step-{step:06d}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     else:
         os.replace(tmp, final)
+    _fsync_dir(root)  # the rename itself is durable (on Google Drive: handed to its uploader)
     for stale in [d for d in root.iterdir() if d.name.startswith((".tmp-", ".old-"))]:
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale)
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
 
 
@@ -330,10 +333,97 @@ def _check_manifest(d: Path) -> str | None:
 
 
 def _fsync_tree(d: Path) -> None:
+    """fsync every file under d, then every folder (their entries), deepest first."""
     for p in d.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    for folder in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_dir(folder)
+    _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some FUSE file systems do not implement fsync on a folder; the files are synced
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Google Drive (Colab's drive.mount): a file removed through the mount goes to Drive's trash, where it counts
+# against the quota for 30 days; pruned checkpoints are deleted for good through the Drive API instead
+# ----------------------------------------------------------------------------------------------
+
+DRIVE_FS_TYPE = "fuse.drive"  # Colab's DriveFS mount, as /proc/mounts lists it
+_drive_files = None  # the Drive API's files() resource, once enable_drive_deletion() has been granted access
+_warned_trash = False
+
+
+def on_google_drive(path: str | os.PathLike, mounts: str | None = None) -> bool:
+    """Whether `path` lies on a Google Drive mount: the file system of its longest mount point in /proc/mounts
+    (or the text `mounts`) is DriveFS."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+    target = os.path.abspath(path)
+    best, fs_type = "", None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # a space is \040 there
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, fs_type = point, parts[2]
+    return fs_type == DRIVE_FS_TYPE
+
+
+def drive_file_id(path: str | os.PathLike) -> str:
+    """The Drive id of a file or folder on Colab's Drive mount (DriveFS exposes it as an extended attribute)."""
+    return os.getxattr(path, "user.drive.id").decode().strip()
+
+
+def enable_drive_deletion() -> bool:
+    """Colab only: let checkpoint pruning delete old checkpoints on Google Drive for good (Drive API
+    files.delete, which skips the trash) instead of moving them to Drive's trash. Asks once for access to your
+    Drive (google.colab.auth). Returns whether it is enabled; if not, pruned checkpoints go to the trash."""
+    global _drive_files
+    try:
+        from google.colab import auth
+        from googleapiclient.discovery import build
+
+        auth.authenticate_user()
+        _drive_files = build("drive", "v3", cache_discovery=False).files()
+    except Exception as e:  # noqa: BLE001 - declined, not in Colab, no client: pruning falls back to the trash
+        warnings.warn(f"pruned checkpoints on Google Drive will go to its trash (Drive API unavailable: {e})",
+                      stacklevel=2)
+        return False
+    return True
+
+
+def remove_tree(folder: str | os.PathLike) -> None:
+    """Delete a folder. On Google Drive: for good through the Drive API when enable_drive_deletion() granted
+    access, else (into the trash) with a warning, once, on how to empty it."""
+    global _warned_trash
+    folder = Path(folder)
+    if on_google_drive(folder):
+        if _drive_files is not None:
+            try:
+                _drive_files.delete(fileId=drive_file_id(folder)).execute()  # a folder: with its contents
+            except Exception as e:  # noqa: BLE001 - deleting through the mount (to the trash) still works
+                warnings.warn(f"could not delete {folder} for good through the Drive API ({e}): it goes to Drive's "
+                              f"trash", stacklevel=3)
+        elif not _warned_trash:
+            _warned_trash = True
+            warnings.warn(f"{folder} goes to Google Drive's trash, where pruned checkpoints count against your quota "
+                          f"for 30 days: empty the trash at drive.google.com, or call "
+                          f"grpo_lib.runlog.enable_drive_deletion() once to delete them for good", stacklevel=3)
+    shutil.rmtree(folder, ignore_errors=True)  # after an API deletion: whatever the mount still shows
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -169,6 +169,26 @@ def next_tokens(logits: torch.Tensor, temperature: float | None, top_p: float = 
     return draw(filtered_scores(logits, temperature, top_p, top_k).softmax(dim=-1))
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The policy's logits held inf or NaN while sampling (typically an fp16 overflow)."""
+
+
+def nonfinite_logits_message(logits: torch.Tensor, step: int, rows: torch.Tensor) -> str:
+    """What overflowed at decoding `step` (0-based) in logits [n, V] of the completions `rows` [n], and what to do."""
+    bad_rows = rows[(~torch.isfinite(logits)).any(dim=-1)].tolist()
+    counts = {"NaN": int(logits.isnan().sum()), "+inf": int(logits.isposinf().sum()),
+              "-inf": int(logits.isneginf().sum())}
+    return (f"the policy's logits are not finite at decoding step {step + 1} (completion token {step + 1}) in "
+            f"{len(bad_rows)} of {len(rows)} rows (completions {bad_rows[:8]}{' ...' if len(bad_rows) > 8 else ''}): "
+            f"{', '.join(f'{v} {k}' for k, v in counts.items() if v)} of {logits.numel()} values, dtype "
+            f"{str(logits.dtype).replace('torch.', '')}. "
+            "Under fp16 compute (a T4's) activations above 65504 overflow to inf, and Qwen2-family models are "
+            "known to overflow in fp16. Sample in float32 or bfloat16: config dtype='bfloat16' where the GPU has "
+            "bf16 (compute capability 8+), else dtype='float32' (a T4: more memory, see `python -m grpo_lib plan`). "
+            "If it happens only after training steps, the adapter has diverged: resume from an earlier checkpoint "
+            "with a lower learning_rate.")
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, max_new_tokens: int,
            eos_ids: list[int], pad_id: int, temperature: float | None = 1.0, top_p: float = 1.0,
@@ -178,6 +198,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, ma
 
     A row that samples EOS leaves the batch: its cache rows are dropped, so each decoding step runs
     only the rows still writing (generate() keeps computing finished rows until the longest is done).
+    Raises NonFiniteLogitsError on inf/NaN logits (an fp16 overflow), where multinomial sampling would fail too.
     """
     N = prompt_ids.size(0)
     out = torch.full((N, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
@@ -191,7 +212,11 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, ma
         new = next_tokens(logits, temperature, top_p, top_k)  # [n]
         out[rows, t] = new
         writing = ~torch.isin(new, eos)
-        if not writing.any():
+        # one host synchronisation for both: a draw from inf/NaN logits is garbage (token 0), never an error
+        nonfinite, done = torch.stack([~torch.isfinite(logits).all(), ~writing.any()]).tolist()
+        if nonfinite:
+            raise NonFiniteLogitsError(nonfinite_logits_message(logits, t, rows))
+        if done:
             return out[:, :t + 1]
         if not writing.all():
             keep = writing.nonzero().flatten()

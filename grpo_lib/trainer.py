@@ -29,8 +29,8 @@ from .config import GRPOConfig
 from .data import check_dataset, filter_long_prompts
 from .logprobs import rollout_logps
 from .loss import grpo_loss, k3_kl, mask_truncated_completions, masked_mean, microbatch_normalizers, probability_ratio
-from .models import (frozen_copy, is_peft, model_compute_dtype, model_device, model_mode, reference_mode,
-                     trainable_parameters)
+from .models import (fp16_matmuls_accumulate_in_fp32, frozen_copy, is_peft, model_compute_dtype, model_device,
+                     model_mode, reference_mode, trainable_parameters)
 from .rewards import (RewardScores, default_trainer_state, required_columns, resolve_reward_funcs,
                       reward_inputs, score_completions)
 from .rng import rng_state, seed_everything, set_rng_state
@@ -94,6 +94,7 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         # fp16 compute (a T4, or dtype="float16") needs loss scaling so small gradients do not underflow
         fp16 = model_compute_dtype(model) == torch.float16
+        fp16_matmuls_accumulate_in_fp32(model_compute_dtype(model), model_device(model))
         if fp16 and any(p.dtype == torch.float16 for p in params):
             raise ValueError("fp16 trainable weights cannot be trained with loss scaling (GradScaler needs fp32 "
                              "weights to unscale into): use LoRA (lora_r > 0; peft keeps adapters in fp32), or on a "
@@ -103,6 +104,7 @@ class GRPOTrainer:
         self.step_count = 0  # completed steps
         self.data_position = 0  # prompts consumed, across epochs
         self.saturated_steps = 0  # steps in a row at or above saturation_threshold (saturation stop)
+        self.skipped_steps = 0  # steps in a row whose fp16 optimiser step was skipped (max_skipped_steps stop)
         self.stop_reason: str | None = None  # set when train() stops before max_steps
 
     # ------------------------------------------------------------------------------------------
@@ -272,6 +274,7 @@ class GRPOTrainer:
         # training mode: dropout, and gradient checkpointing (HF models checkpoint only in training mode)
         with model_mode(self.model, training=True):
             try:
+                updates = []  # _optimizer_step's numbers, one per update
                 for it in range(c.num_iterations):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_total = 0.0
@@ -298,8 +301,11 @@ class GRPOTrainer:
                                 token_entropy[idx] = entropies.float()
                             if it == c.num_iterations - 1 and old_logps is not None:
                                 token_ratio[idx] = probability_ratio(logps.detach(), old_logps[idx]).float()
-                    grad_norm = self._optimizer_step()
-                totals.update({"loss": loss_total, "grad_norm": grad_norm,
+                    updates.append(self._optimizer_step())
+                # the loss scale of the step's first backward; a skip in any of its num_iterations updates counts
+                totals.update({"loss": loss_total, "grad_norm": updates[-1]["grad_norm"],
+                               "amp/loss_scale": updates[0]["amp/loss_scale"],
+                               "amp/step_skipped": max(u["amp/step_skipped"] for u in updates),
                                "entropy/mean": masked_mean(token_entropy, mask).item()})
             except BaseException:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -313,15 +319,23 @@ class GRPOTrainer:
             token_stats["kl"] = k3_kl(token_logps, ref_logps.float())
         return totals, self._per_token_lists(token_stats, mask)
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> dict[str, float]:
+        """Unscale, clip, step, update the loss scale and the learning rate (unless the step was skipped).
+        Returns grad_norm, amp/loss_scale (the scale the backward used; 1.0 without loss scaling) and
+        amp/step_skipped (1.0 if the GradScaler skipped the optimiser step because the gradients held inf/NaN,
+        else 0.0)."""
+        scale = self.scaler.get_scale()  # 1.0 when loss scaling is off
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
-        return grad_norm
+        # update() lowers the scale (x backoff_factor) exactly when step() skipped on inf/NaN; growth only raises it
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
+        if not skipped:  # a skipped update does not advance the schedule (as accelerate's scheduler under TRL)
+            self.scheduler.step()
+        return {"grad_norm": grad_norm, "amp/loss_scale": scale, "amp/step_skipped": float(skipped)}
 
     def _snapshot(self) -> dict:
         """Copies of what an update changes (LoRA weights are small: this is cheap)."""
@@ -356,9 +370,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
 
     def train(self, on_step=None) -> list[StepRecord]:
-        """Steps until config.max_steps, or until the saturation stop (stop_reason says why). Each record is
-        appended to run_dir/log.jsonl (flushed), sent to config.report_to's trackers and passed to
-        on_step(record) (e.g. TrainingDashboard.update); checkpoints every save_steps and at the end."""
+        """Steps until config.max_steps, or until the saturation or the skipped-steps stop (stop_reason says
+        why). Each record is appended to run_dir/log.jsonl (flushed), sent to config.report_to's trackers and
+        passed to on_step(record) (e.g. TrainingDashboard.update); checkpoints every save_steps and at the end."""
         c = self.config
         if self.run_dir is not None and not self._run_dir_checked:
             self._check_run_config()
@@ -368,7 +382,8 @@ class GRPOTrainer:
             while self.step_count < c.max_steps and self.stop_reason is None:
                 record = self.step()
                 records.append(record)
-                self.stop_reason = self._saturation_stop(record)
+                reasons = [self._skipped_steps_stop(record), self._saturation_stop(record)]  # both count
+                self.stop_reason = next((r for r in reasons if r), None)
                 last = self.step_count == c.max_steps or self.stop_reason is not None
                 if self.run_dir is not None:
                     runlog.append_record(self.run_dir, record)
@@ -398,6 +413,23 @@ class GRPOTrainer:
         return (f"saturated: {self.saturated_steps} steps in a row with at least {c.saturation_threshold:.0%} of the "
                 f"groups zero-variance (saturation_threshold); stopped after step {self.step_count} of {c.max_steps}")
 
+    def _skipped_steps_stop(self, record: StepRecord) -> str | None:
+        """Why the run stops early, or None: max_skipped_steps steps in a row whose optimiser step fp16 loss
+        scaling skipped (amp/step_skipped: inf/NaN gradients, so nothing was learned)."""
+        c = self.config
+        skipped = record.metrics.get("amp/step_skipped", 0.0) > 0
+        self.skipped_steps = self.skipped_steps + 1 if skipped else 0
+        if c.max_skipped_steps == 0 or self.skipped_steps < c.max_skipped_steps:
+            return None
+        return (f"fp16 overflow: the loss scaler skipped the optimiser step {self.skipped_steps} steps in a row "
+                f"(inf/NaN gradients, max_skipped_steps={c.max_skipped_steps}; loss scale now "
+                f"{self.scaler.get_scale():g}, loss {record.metrics.get('loss', float('nan')):.3g}); stopped after "
+                f"step {self.step_count} of {c.max_steps}, nothing was learned in those steps. The forward or the "
+                f"loss overflows in float16: train with dtype='bfloat16' where the GPU has bf16 (compute "
+                f"capability 8+), else dtype='float32' (more memory: python -m grpo_lib plan); if earlier steps "
+                f"were fine, the policy diverged: resume from an earlier checkpoint with a lower learning_rate. "
+                f"`python -m grpo_lib doctor` on the run shows the losses and scales.")
+
     def _check_run_config(self, force: bool = False, resuming: bool = False) -> None:
         """Refuse a run directory that belongs to another config, or (without resume) already has steps."""
         old = runlog.read_run_config(self.run_dir)
@@ -417,7 +449,7 @@ class GRPOTrainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
-                "saturated_steps": self.saturated_steps,
+                "saturated_steps": self.saturated_steps, "skipped_steps": self.skipped_steps,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),
                 "trainable": None if is_peft(self.model) else
@@ -481,6 +513,7 @@ class GRPOTrainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.data_position = state["step"], state["data_position"]
         self.saturated_steps = state.get("saturated_steps", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
         set_rng_state(state["rng"])
 
 

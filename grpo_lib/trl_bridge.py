@@ -79,6 +79,8 @@ NO_COUNTERPART: dict[str, tuple[bool, str]] = {
     "saturation_threshold": (False, "TRL runs until max_steps; stop it yourself (python -m grpo_lib doctor "
                                     "OUTPUT_DIR reads TRL's trainer_state.json and shows saturation)"),
     "saturation_patience": (False, "only used by saturation_threshold"),
+    "max_skipped_steps": (False, "TRL's Trainer goes on through skipped fp16 steps; its logs show the loss "
+                                 "(python -m grpo_lib doctor reads them)"),
 }
 """grpo_lib knob -> (refuse a non-default value?, why TRL has no counterpart)."""
 

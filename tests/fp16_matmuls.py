@@ -8,6 +8,12 @@ result to float16, which is what a T4's fp16 tensor cores do (fp16 inputs are ex
 accumulate in fp32; the output is fp16, overflowing to inf as on the GPU). Every tensor the code under test
 sees keeps dtype float16, so loss scaling, inf checks and dtype casts run as they would on the GPU; only
 the kernel differs.
+
+It models what grpo_lib asks of cuBLAS under fp16, and nothing looser: models.fp16_matmuls_accumulate_in_fp32
+turns off reduced-precision reductions (torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction =
+False; fp16 accumulation is off by default), so a GPU accumulates every product in fp32 and rounds once, as
+here: a partial sum above 65504 does not overflow if the result fits (tests/test_fp16.py checks it). With
+torch's default (reductions allowed) cuBLAS may round split-K partial sums to fp16, which this mode would miss.
 """
 
 from __future__ import annotations
