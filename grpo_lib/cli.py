@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, GRPOConfig
@@ -45,8 +46,8 @@ def build_config(args) -> GRPOConfig:
 def cmd_train(args) -> int:
     from . import data, eval as evaluation, memory, models, runlog
     from .doctor import diagnose, format_findings
+    from .console import TerminalDashboard
     from .trainer import GRPOTrainer
-    from .widgets import TrainingDashboard
 
     config = build_config(args)
     run_dir = Path(args.run_dir)
@@ -69,7 +70,7 @@ def cmd_train(args) -> int:
     if before:
         print(f"before training: format {before['format']:.3f}  correct {before['accuracy']:.3f} "
               f"on {before['n']} held-out prompts", flush=True)
-    dashboard = TrainingDashboard(config.max_steps, eval_seconds=time.time() - t_eval if eval_rows else None,
+    dashboard = TerminalDashboard(config.max_steps, eval_seconds=time.time() - t_eval if eval_rows else None,
                                   config=config.to_dict())
     trainer.train(on_step=dashboard.update)
     dashboard.close()
@@ -158,8 +159,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> dict[type, str]:
-    """The exceptions that are the user's to fix (bad config, data, run directory, reward function, model
-    name, memory), each with the label of its one-line message. Anything else is a bug: a traceback."""
+    """The exceptions that are the user's to fix (bad config, model name or config file, data, run directory,
+    reward function, memory), each with the label of its one-line message. Anything else, a ValueError or an
+    OSError included, may be a bug: a traceback."""
     from .data import DataError
     from .memory import MemoryPlanError
     from .rewards import RewardFunctionError
@@ -167,8 +169,19 @@ def user_errors() -> dict[type, str]:
     from .trainer import StepOOMError
 
     return {ConfigError: "config error", DataError: "data error", RunDirError: "run directory",
-            RewardFunctionError: "reward function", MemoryPlanError: "memory", StepOOMError: "out of memory",
-            OSError: "cannot load", ValueError: "error"}
+            RewardFunctionError: "reward function", MemoryPlanError: "memory", StepOOMError: "out of memory"}
+
+
+def doctor_pointer(args) -> str:
+    """After an unexpected error (the traceback above it): where the run's steps so far are, and the command
+    that reads them; or that there are none."""
+    from .runlog import LOG_NAME
+
+    run_dir = getattr(args, "run_dir", None)
+    if args.command == "doctor" or run_dir is None or not (Path(run_dir) / LOG_NAME).exists():
+        return "an unexpected error (a bug in grpo_lib or a library it calls, not a setting to fix): see above"
+    return (f"an unexpected error (see above); the steps logged before it are in {Path(run_dir) / LOG_NAME}: "
+            f"`python -m grpo_lib doctor {run_dir}` reads them")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         label = next((label for kind, label in user_errors().items() if isinstance(e, kind)), None)
-        if label is None or os.environ.get("GRPO_LIB_DEBUG"):  # GRPO_LIB_DEBUG=1: the full traceback
-            raise
+        if label is None:  # not an error the user can fix by a setting: the traceback, to find the cause
+            traceback.print_exc()
+            print(doctor_pointer(args), file=sys.stderr)
+            return 1
+        if os.environ.get("GRPO_LIB_DEBUG"):  # GRPO_LIB_DEBUG=1: a user error's traceback too
+            traceback.print_exc()
         if label == "memory":  # the plan table and the cheaper settings
             print(f"{label}: {e}", file=sys.stderr)
             return 3

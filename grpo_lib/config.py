@@ -7,7 +7,6 @@ one knows the other (`grpo_lib.trl_bridge` maps them one to one).
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -24,6 +23,13 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+def tracker_names(report_to) -> tuple[str, ...]:
+    """report_to as TRL takes it -> a tuple of names: "wandb" -> ("wandb",); "none", ["none"], None, () -> ()
+    (TRL's "none": no tracker). The names are checked by validate()."""
+    names = (report_to,) if isinstance(report_to, str) else tuple(report_to or ())
+    return () if names == ("none",) else names
 
 
 @dataclass
@@ -162,7 +168,7 @@ class GRPOConfig:
     def __post_init__(self):
         # tuples, not lists, so the config stays hashable and comparable after a JSON round trip
         self.reward_funcs = tuple(self.reward_funcs)
-        self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        self.report_to = tracker_names(self.report_to)
         if self.reward_weights is not None:
             self.reward_weights = tuple(float(w) for w in self.reward_weights)
         validate(self)
@@ -206,9 +212,6 @@ class GRPOConfig:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
-
     def to_yaml(self, path: str | None = None) -> str:
         """The config as YAML (the file format of `--config FILE`, read by both trainers)."""
         import yaml
@@ -229,6 +232,8 @@ class GRPOConfig:
                 d = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        except OSError as e:
+            raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
         preset = d.pop("preset", None)
@@ -386,7 +391,7 @@ def validate(c: GRPOConfig) -> None:
     _require(c.max_skipped_steps >= 0, "max_skipped_steps", c.max_skipped_steps,
              "must be >= 0 (skipped fp16 steps in a row before the run stops; 0 never stops)")
     _require(all(t in TRACKERS for t in c.report_to), "report_to", c.report_to,
-             f"name trackers from {TRACKERS} (or none: [])")
+             f"name trackers from {TRACKERS} (or none: \"none\" or [])")
     _require(c.reward_timeout_s > 0, "reward_timeout_s", c.reward_timeout_s, "must be > 0 seconds")
     _require(len(c.reward_funcs) >= 1, "reward_funcs", c.reward_funcs, "name at least one reward function")
     _require(all(isinstance(n, str) for n in c.reward_funcs), "reward_funcs", c.reward_funcs,

@@ -163,7 +163,9 @@ def model_spec(model_or_spec) -> ModelSpec:
         try:  # a local folder, or a hub id: its config.json (a few kB, before any weights are downloaded)
             return spec_from_config(AutoConfig.from_pretrained(name), name)
         except (OSError, ValueError) as e:
-            raise ValueError(f"no architecture known for model {name!r}: it is not built in ({sorted(MODEL_SPECS)}) "
+            from .config import ConfigError  # the config's model names no model: the user's to fix
+
+            raise ConfigError(f"no architecture known for model {name!r}: it is not built in ({sorted(MODEL_SPECS)}) "
                              f"and its config.json could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
     if hasattr(model_or_spec, "num_hidden_layers") or hasattr(model_or_spec, "get_text_config"):
         return spec_from_config(model_or_spec)
@@ -348,7 +350,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
 
     if four_bit and not cpu:
         notes.append(f"embeddings{'' if spec.tie_word_embeddings else ' and lm_head'} are fp32 after peft's "
-                     f"prepare_model_for_kbit_training ({_fmt(spec.other_params * 4)}), and so are activations")
+                     f"prepare_model_for_kbit_training ({_bytes_text(spec.other_params * 4)}), and so are activations")
     if cpu and four_bit:
         notes.append("4-bit on CPU: bitsandbytes' dequantised temporaries are not counted")
     n, groups, _ = microbatch_shape(config)
@@ -423,7 +425,7 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     return L * layer + outside, logits, grads
 
 
-def _fmt(b: float) -> str:
+def _bytes_text(b: float) -> str:
     return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / MiB:.0f} MiB"
 
 
@@ -431,7 +433,7 @@ def _fmt(b: float) -> str:
 # the report as a table, and cheaper settings
 # ----------------------------------------------------------------------------------------------
 
-LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
+COMPONENT_LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
           "optimizer_states": "AdamW states", "cuda_context": "CUDA context", "kv_cache": "KV cache",
           "sampling_buffers": "sampling buffers", "merged_weights": "merged weights",
           "reference_pass": "reference forward",
@@ -457,18 +459,18 @@ def format_report(report: MemoryReport) -> str:
     for phase in ("always", "generation", "reference", "training"):
         for name, (when, _) in COMPONENTS.items():
             if when == phase and (report.components[name] or phase != "always"):
-                lines.append(f"{LABELS[name]:20} {when:13} {_fmt(report.components[name]):>10}")
+                lines.append(f"{COMPONENT_LABELS[name]:20} {when:13} {_bytes_text(report.components[name]):>10}")
     ck, plain = report.activations_checkpointing, report.activations_no_checkpointing
     lines.append(f"{'':20} (training = activations + the larger of logits chunks and layer backward;")
-    lines.append(f"{'':20}  activations + layer backward: {_fmt(plain)} without checkpointing, {_fmt(ck)} with)")
+    lines.append(f"{'':20}  activations + layer backward: {_bytes_text(plain)} without checkpointing, {_bytes_text(ck)} with)")
     phases = report.phases
     lines += [
         "-" * 45,
-        f"{'always resident':34} {_fmt(report.persistent_bytes):>10}",
-        *(f"{'+ ' + p + ' phase' + (' (largest)' if p == report.peak_phase else ''):34} {_fmt(b):>10}"
+        f"{'always resident':34} {_bytes_text(report.persistent_bytes):>10}",
+        *(f"{'+ ' + p + ' phase' + (' (largest)' if p == report.peak_phase else ''):34} {_bytes_text(b):>10}"
           for p, b in phases.items()),
-        f"{'predicted peak':34} {_fmt(report.total_bytes):>10}",
-        f"{'device memory':34} {_fmt(report.device_bytes):>10}",
+        f"{'predicted peak':34} {_bytes_text(report.total_bytes):>10}",
+        f"{'device memory':34} {_bytes_text(report.device_bytes):>10}",
         f"verdict: {_verdict(report)}",
     ]
     lines += [f"note: {n}" for n in report.notes]
@@ -527,7 +529,7 @@ def suggest_cheaper(config, model_or_spec=None, device_bytes: int | None = None,
 
     def verdict(r):
         word = "does not fit" if not r.fits else ("fits tightly" if r.total_bytes > TIGHT * device_bytes else "fits")
-        return f"{_fmt(r.total_bytes)} ({word} in {_fmt(device_bytes)})"
+        return f"{_bytes_text(r.total_bytes)} ({word} in {_bytes_text(device_bytes)})"
 
     lines = [f"now: {verdict(base)}"]
     groups = ([], [], [])  # fits with headroom, fits tightly, does not fit

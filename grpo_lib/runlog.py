@@ -67,8 +67,9 @@ class StepRecord:
         return self.columns.get("answer", [])
 
     def rows(self) -> list[dict]:
-        """[groups] the dataset rows of the step (the "prompt" and other columns), for re-scoring. Without a
-        stored raw prompt (older logs), the formatted prompt text stands in for it."""
+        """[groups] the dataset rows of the step (the "prompt" and other columns), for re-scoring. "prompt" is
+        the raw prompt the trainer logs in columns (chat messages, as reward functions receive them), or the
+        formatted prompt text where a record has none (one built by hand)."""
         return [{"prompt": self.prompts[g], **{k: v[g] for k, v in self.columns.items()}}
                 for g in range(self.num_groups)]
 
@@ -82,8 +83,6 @@ class StepRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "StepRecord":
         names = {f.name for f in fields(cls)}
-        if "answers" in d and "columns" not in d:  # logs written before the columns field
-            d = {**d, "columns": {"answer": d["answers"]}}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

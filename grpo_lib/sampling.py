@@ -49,10 +49,6 @@ class Rollout:
         """[N] each completion's token ids up to and including its EOS (what TRL passes reward functions)."""
         return [row[:n] for row, n in zip(self.completion_ids.tolist(), self.lengths.tolist())]
 
-    def expanded_prompts(self) -> list[str]:
-        """[N] the prompt of each completion (reward functions take prompts per completion)."""
-        return [p for p in self.prompts for _ in range(self.num_generations)]
-
 
 def cat_groups(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Rollout:
     """Some groups of several rollouts as one Rollout, in the order given: parts [(rollout, its groups)].
@@ -96,9 +92,9 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
 
 
 def tokenize_prompts(tokenizer, prompt_texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask [groups, P]. The chat template already holds the special tokens."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    """Left-padded ids and mask [groups, P]. The chat template already holds the special tokens. Left padding
+    is asked for in the call, so the tokenizer's own padding_side (the caller's) is left as it was."""
+    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 

@@ -13,11 +13,14 @@ command, raised when the Tracker is created, before anything is written (never a
                  Resume-safe: when the directory already holds event files, the writer is opened with
                  purge_step = the first step this session logs, so TensorBoard discards the earlier
                  session's points at that step and after (the steps a resume redoes), and each step shows once.
-    trackio      trackio.init(project, name=<run dir name>, config, resume="allow"), trackio.log(metrics, step).
+    trackio      trackio.init(project, name=<run dir name>, config, resume="allow"), trackio.log(metrics, step),
+                 into trackio's local store ($TRACKIO_DIR, by default ~/.cache/huggingface/trackio; no network).
     wandb        wandb.init(project, name, config, dir=run_dir, id=<kept in run_dir/tracking.json>,
-                 resume="allow"): a resumed run continues the same W&B run. W&B refuses steps it already has, so
-                 steps at or below the last one sent are not sent again (a resume redoes them with the same
-                 RNG state, so the values it kept are the ones the log has).
+                 resume="allow"): a resumed run continues the same W&B run. WANDB_MODE=offline writes the run
+                 under run_dir/wandb for a later `wandb sync`, with no network.
+    trackio and W&B keep every point they are sent (W&B online refuses a step it has), so the last step sent
+    is kept in run_dir/tracking.json and a resume's redone steps are not sent again (they run on the
+    checkpoint's RNG state, so the values the trackers kept are the ones the log has).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import importlib
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
-from .config import TRACKERS, ConfigError
+from .config import TRACKERS, ConfigError, tracker_names
 
 TENSORBOARD_DIR = "tensorboard"
-STATE_NAME = "tracking.json"  # run_dir file with the W&B run id and the last step sent to it
+SENT_STEPS_FILE = "tracking.json"  # run_dir file: the W&B run id, the last step each tracker has
 DEFAULT_PROJECT = "grpo_lib"
 INSTALL = {"tensorboard": "pip install tensorboard", "trackio": "pip install trackio", "wandb": "pip install wandb"}
 MODULES = {"tensorboard": "torch.utils.tensorboard", "trackio": "trackio", "wandb": "wandb"}
@@ -43,9 +47,7 @@ class TrackingError(ConfigError):
 
 def normalize_report_to(report_to) -> tuple[str, ...]:
     """None, "none", "tensorboard", ("tensorboard", "wandb") -> a tuple of tracker names, checked."""
-    if report_to is None or report_to == "none":
-        return ()
-    names = (report_to,) if isinstance(report_to, str) else tuple(report_to)
+    names = tracker_names(report_to)
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise TrackingError(f"report_to={names!r}: unknown tracker(s) {unknown}; choose from {TRACKERS}")
@@ -133,13 +135,37 @@ class _TensorBoard:
             self.writer.close()
 
 
+class _SentSteps:
+    """The last step a tracker keeps, in run_dir/tracking.json under `key`: trackio and W&B store every point
+    they are sent (W&B online refuses a step it has), so a resume's redone steps are not sent again. The
+    redone steps run on the checkpoint's RNG state, so the values the tracker kept are the ones the log has."""
+
+    def __init__(self, path: Path, key: str, same_run: bool):
+        self.path, self.key = path, key
+        self.last = _read_state(path).get(key, -math.inf) if same_run else -math.inf
+
+    def is_new(self, step: int) -> bool:
+        return step > self.last
+
+    def sent(self, step: int) -> None:
+        self.last = step
+        _write_state(self.path, {**_read_state(self.path), self.key: step})
+
+
 class _Trackio:
     def __init__(self, module, tracker: Tracker):
         self.module = module
+        state_path = tracker.run_dir / SENT_STEPS_FILE
+        run = f"{tracker.project}/{tracker.run_name}"  # trackio names a run by project and name
+        self.steps = _SentSteps(state_path, "trackio_last_step", _read_state(state_path).get("trackio_run") == run)
+        tracker.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_state(state_path, {**_read_state(state_path), "trackio_run": run})
         module.init(project=tracker.project, name=tracker.run_name, config=tracker.config, resume="allow")
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self.module.log(values, step=step)
+        if self.steps.is_new(step):
+            self.module.log(values, step=step)
+            self.steps.sent(step)
 
     def close(self) -> None:
         self.module.finish()
@@ -147,22 +173,19 @@ class _Trackio:
 
 class _WandB:
     def __init__(self, module, tracker: Tracker):
-        self.state_path = tracker.run_dir / STATE_NAME
-        state = _read_state(self.state_path)
-        run_id = state.get("wandb_id") or module.util.generate_id()
+        state_path = tracker.run_dir / SENT_STEPS_FILE
+        state = _read_state(state_path)
+        run_id = state.get("wandb_id") or uuid.uuid4().hex[:8]  # W&B ids: lowercase letters and digits
+        self.steps = _SentSteps(state_path, "wandb_last_step", "wandb_id" in state)
         tracker.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_state(state_path, {**state, "wandb_id": run_id})
         self.run = module.init(project=tracker.project, name=tracker.run_name, config=tracker.config,
                                dir=str(tracker.run_dir), id=run_id, resume="allow")
-        self.last_step = state.get("wandb_last_step", -math.inf) if state.get("wandb_id") == run_id else -math.inf
-        self.state = {**state, "wandb_id": run_id}
-        _write_state(self.state_path, self.state)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if step <= self.last_step:  # W&B refuses a step it already has (a resume's redone steps)
-            return
-        self.run.log(values, step=step)
-        self.last_step = step
-        _write_state(self.state_path, {**self.state, "wandb_last_step": step})
+        if self.steps.is_new(step):
+            self.run.log(values, step=step)
+            self.steps.sent(step)
 
     def close(self) -> None:
         self.run.finish()

@@ -277,7 +277,7 @@ def from_trl_config(trl_cfg, base: GRPOConfig | None = None) -> GRPOConfig:
         "lr_scheduler_type": {"constant_with_warmup": "constant"}.get(scheduler, scheduler),
         "gradient_checkpointing": bool(trl_cfg.activation_checkpointing),
         "reward_weights": None if trl_cfg.reward_weights is None else tuple(trl_cfg.reward_weights),
-        "report_to": tuple(r for r in trl_cfg.report_to if r != "none"),
+        "report_to": trl_cfg.report_to,  # TRL's "none" is GRPOConfig's () (config.tracker_names)
     })
     return (base or GRPOConfig()).replace(**changes)
 

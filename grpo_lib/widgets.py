@@ -19,15 +19,14 @@ import html
 import io
 import math
 import re
-import statistics
 import sys
-import warnings
 
 import ipywidgets as W
 import torch
 
 from .advantages import SCALES, group_advantages
-from .doctor import LABELS, diagnose, findings_html
+from .console import TerminalDashboard, eta_text, format_duration, format_step_line  # noqa: F401 - re-exported
+from .doctor import findings_html
 from .plots import as_records, finite_or, plot_group_advantages, plot_training_curves
 from .rewards import (
     RewardFunctionError, default_trainer_state, regex_reward, resolve_reward_funcs, reward_inputs, reward_name,
@@ -58,12 +57,12 @@ def png_html(png: bytes) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(bytes(png)).decode("ascii")}">' if png else ""
 
 
-def _shorten(text: str, n: int = 60) -> str:
+def _one_line_ending(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else "..." + text[-(n - 3):]  # the end of a chat prompt is the question
 
 
-def _fmt(x, missing: str = "n/a") -> str:
+def _reward_text(x, missing: str = "n/a") -> str:
     """A reward for display: 4 significant digits, `missing` for None / NaN (does not apply, unscorable)."""
     x = finite_or(x, None)
     return missing if x is None else f"{x:.4g}"
@@ -178,11 +177,11 @@ def _card_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> st
     adv = finite_or(record.advantages[i], 0.0)
     colour = "green" if adv > 0 else "red" if adv < 0 else "gray"
     flag = ' <span style="color:#b00">truncated</span>' if record.truncated[i] else ""
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td><td>{_fmt(r)}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td><td>{_reward_text(r)}</td></tr>"
                    for name, w, r in zip(record.reward_names, record.reward_weights, record.rewards[i]))
     return (f'<div class="grpo-card" data-index="{i}" style="flex:1 1 200px;min-width:180px;border:1px solid #ccc;'
             f'border-radius:4px;padding:6px">'
-            f"<b>#{j}</b> total <b>{_fmt(record.total[i], 'unscorable')}</b> advantage "
+            f"<b>#{j}</b> total <b>{_reward_text(record.total[i], 'unscorable')}</b> advantage "
             f'<b style="color:{colour}">{adv:+.3f}</b> &middot; {record.lengths[i]} tokens{flag}'
             f'<table style="font-size:90%">{rows}</table>'
             f'<div style="white-space:pre-wrap;font-family:monospace;font-size:90%">'
@@ -223,7 +222,7 @@ class CompletionInspector(_Displayable):
         return f"CompletionInspector(step {self.step.value}, prompt {self.prompt.value}, {len(self.shown)} shown)"
 
     def _on_step(self, change=None) -> None:
-        self.prompt.options = [(f"{g}: {_shorten(p)}", g) for g, p in enumerate(self.record.prompts)]
+        self.prompt.options = [(f"{g}: {_one_line_ending(p)}", g) for g, p in enumerate(self.record.prompts)]
         self.prompt.value = 0
         self._render()
 
@@ -372,85 +371,39 @@ class RewardPlayground(_Displayable):
     @staticmethod
     def _row_html(rec: StepRecord, i: int) -> str:
         g, j = divmod(i, rec.num_generations)
-        scores = "".join(f"<td>{_fmt(r)}</td>" for r in rec.rewards[i])
-        return (f"<tr><td>{g}</td><td>{j}</td><td><code>{html.escape(_shorten(rec.completions[i]))}</code></td>"
-                f"{scores}<td>{_fmt(rec.total[i], 'unscorable')}</td><td>{rec.advantages[i]:+.3f}</td></tr>")
+        scores = "".join(f"<td>{_reward_text(r)}</td>" for r in rec.rewards[i])
+        return (f"<tr><td>{g}</td><td>{j}</td><td><code>{html.escape(_one_line_ending(rec.completions[i]))}</code></td>"
+                f"{scores}<td>{_reward_text(rec.total[i], 'unscorable')}</td><td>{rec.advantages[i]:+.3f}</td></tr>")
 
 
 # ----------------------------------------------------------------------------------------------
 # live training dashboard
 # ----------------------------------------------------------------------------------------------
 
-STEP_LINE_METRICS = (("reward/mean", "reward"), ("reward/std", "std"), ("adv/zero_std_frac", "zero-var"),
-                     ("kl/mean", "kl"), ("completion/mean_length", "len"), ("loss", "loss"),
-                     ("time/step_s", "s/step"))
-
-
-def format_step_line(record: StepRecord, total_steps: int, eta: str = "") -> str:
-    """'step 3/30  reward 0.5  std 0.31  ...' with the metrics the record has, then `eta` if given."""
-    parts = [f"step {record.step}/{total_steps}"]
-    parts += [f"{label} {record.metrics[key]:.4g}" for key, label in STEP_LINE_METRICS
-              if record.metrics.get(key) is not None]
-    return "  ".join(parts + ([eta] if eta else []))
-
-
-def format_duration(seconds: float) -> str:
-    """45 s, 12 min, 2 h 05 min."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def eta_text(step_times: list[float], steps_left: int, eval_seconds: float | None = None) -> str:
-    """'ETA 12 min + ~1 min final evaluation': steps_left times the median measured step time (robust to a
-    slow first step), plus the final evaluation's expected duration if given; "" before any measured step."""
-    if not step_times:
-        return ""
-    parts = [format_duration(statistics.median(step_times) * steps_left)] if steps_left > 0 else []
-    parts += [f"~{format_duration(eval_seconds)} final evaluation"] if eval_seconds else []
-    return "ETA " + " + ".join(parts) if parts else ""
-
-
-class TrainingDashboard(_Displayable):
-    """Live view of a run: `trainer.train(on_step=dashboard.update)`. In a notebook a progress bar,
-    the latest step's line and plot_training_curves redrawn in place (every `plot_every` steps);
-    in a terminal a tqdm bar with one printed line per step. From the first step on, the step line ends
-    with an ETA from the measured step times (metrics["time/step_s"]) plus `eval_seconds`, the expected
-    duration of a final evaluation if the caller gives it; the terminal also prints it once on its own.
-    record.step counts completed steps, so a resumed run's progress starts where it resumed. When the
-    dashboard displayed itself (created and trained in one cell), the last step refreshes that display, so
-    a saved notebook's static fallback shows the finished run.
-
-    Every `doctor_every` steps (and at the last) the run doctor (grpo_lib.doctor.diagnose, with `config` for
-    num_iterations, beta, ...) re-reads the steps seen so far: its findings are shown under the curves (and in
-    to_html()); a terminal prints one line for each new warning or problem."""
+class TrainingDashboard(TerminalDashboard, _Displayable):
+    """Live view of a run: `trainer.train(on_step=dashboard.update)`. In a notebook a progress bar, the latest
+    step's line and plot_training_curves redrawn in place (every `plot_every` steps), and the run doctor's
+    findings under the curves (and in to_html()); in a terminal (notebook=False, or outside a Jupyter kernel)
+    it is console.TerminalDashboard: a tqdm bar, one line per step, a line per new alarm. The step line, the
+    ETA and the doctor's rhythm (every `doctor_every` steps and at the last) are the terminal's. When the
+    dashboard displayed itself (created and trained in one cell), the last step refreshes that display, so a
+    saved notebook's static fallback shows the finished run."""
 
     def __init__(self, total_steps: int, plot_every: int = 1, notebook: bool | None = None,
                  eval_seconds: float | None = None, config=None, doctor_every: int = 5):
-        self.total_steps, self.plot_every, self.eval_seconds = total_steps, plot_every, eval_seconds
-        self.config, self.doctor_every = config, doctor_every
-        self.findings: list = []  # the run doctor's latest findings (grpo_lib.doctor.Finding)
-        self._reported: set = set()  # (check, title) of the findings a terminal has printed
         self.notebook = in_notebook() if notebook is None else notebook
-        self.records: list[StepRecord] = []
-        self.eta = ""  # the latest estimate of the time left
-        self._displayed, self._handle, self._eta_printed = False, None, False
+        self.plot_every = plot_every
+        self._displayed, self._handle = False, None
+        super().__init__(total_steps, eval_seconds=eval_seconds, config=config, doctor_every=doctor_every)
         if self.notebook:
             self.progress = W.IntProgress(value=0, min=0, max=total_steps, description="step")
             self.line = W.HTML()
             self.image = W.Image(format="png")
             self.doctor = W.HTML()
             self.widget = W.VBox([W.HBox([self.progress, self.line]), self.image, self.doctor])
-        else:
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step")
-
-    def __repr__(self) -> str:
-        if not self.records:
-            return f"TrainingDashboard(0/{self.total_steps} steps)"
-        return format_step_line(self.records[-1], self.total_steps, self.eta)
+    def _make_bar(self):
+        return None if self.notebook else super()._make_bar()
 
     def _repr_mimebundle_(self, **kwargs):
         if not self.notebook:
@@ -468,26 +421,11 @@ class TrainingDashboard(_Displayable):
         return (f'<div class="grpo-dashboard"><code>{html.escape(repr(self))}</code><br>{png_html(png)}'
                 f"{doctor}</div>")
 
-    def step_times(self) -> list[float]:
-        """The measured durations (s) of the steps seen so far."""
-        return [r.metrics["time/step_s"] for r in self.records if r.metrics.get("time/step_s") is not None]
-
     def update(self, record: StepRecord) -> None:
         """Show one finished step (the trainer's on_step callback)."""
-        self.records.append(record)
-        self.eta = eta_text(self.step_times(), self.total_steps - record.step, self.eval_seconds)
-        line = format_step_line(record, self.total_steps, self.eta)
-        doctor_due = self.doctor_every and (len(self.records) % self.doctor_every == 0
-                                            or record.step >= self.total_steps)
         if not self.notebook:
-            self.bar.update(min(record.step, self.total_steps) - self.bar.n)
-            if self.eta and not self._eta_printed:
-                self.bar.write(f"{self.eta} for the {self.total_steps - record.step} remaining steps")
-                self._eta_printed = True
-            self.bar.write(line)
-            if doctor_due:
-                self.run_doctor()  # after the step line: its new alarms, one line each
-            return
+            return super().update(record)
+        line, doctor_due = self._add(record)
         if doctor_due:
             self.run_doctor()  # before the redraw, so the last step's static view has the final findings
         self._show_in_notebook(record, line)
@@ -506,28 +444,15 @@ class TrainingDashboard(_Displayable):
         if last and self._handle is not None:  # the static fallback a saved notebook keeps: the finished run
             self._handle.update(self)
 
-    def _diagnose(self) -> list:
-        """The doctor's findings on the steps seen so far; if it fails, a warning and the last findings (a view
-        never stops the training)."""
-        try:
-            return diagnose(self.records, self.config)
-        except Exception as e:  # noqa: BLE001 - a bug in the doctor must not end a run
-            warnings.warn(f"run doctor failed ({type(e).__name__}: {e}); training goes on", stacklevel=3)
-            return self.findings
-
     def run_doctor(self) -> list:
         """Re-diagnose the steps seen so far; show the findings (notebook) or print new warnings (terminal)."""
+        if not self.notebook:
+            return super().run_doctor()
         self.findings = self._diagnose()
-        if self.notebook:
-            self.doctor.value = findings_html(self.findings)
-            return self.findings
-        for f in self.findings:
-            if f.severity != "info" and (f.check, f.title) not in self._reported:
-                self._reported.add((f.check, f.title))
-                self.bar.write(f"doctor: [{LABELS[f.severity]}] {f.title} ({f.evidence})")
+        self.doctor.value = findings_html(self.findings)
         return self.findings
 
     def close(self) -> None:
         """Close the terminal progress bar (nothing to do in a notebook)."""
         if not self.notebook:
-            self.bar.close()
+            super().close()

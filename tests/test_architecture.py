@@ -51,3 +51,20 @@ def test_the_clone_points_to_its_own_design_document():
         text = (ROOT / path).read_text()
         assert re.search(r"DESIGN\.md", text), path
     assert (ROOT / "DESIGN.md").is_file()
+
+
+def test_the_command_line_needs_no_notebook_packages():
+    """No module the command line reaches imports widgets, ipywidgets or IPython (anywhere in the file); the
+    subprocess check that it trains with them unimportable is in tests/test_cli.py."""
+    reached, todo = set(), ["cli"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += grpo_lib_imports(ROOT / "grpo_lib" / f"{name}.py")
+    notebook = {"ipywidgets", "IPython"}
+    offenders = sorted(name for name in reached if name == "widgets" or any(
+        (isinstance(n, ast.Import) and {a.name.split(".")[0] for a in n.names} & notebook)
+        or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in notebook)
+        for n in ast.walk(ast.parse((ROOT / "grpo_lib" / f"{name}.py").read_text()))))
+    assert "console" in reached and not offenders, offenders

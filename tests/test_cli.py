@@ -77,8 +77,90 @@ def test_user_errors_end_in_one_line(tmp_path, monkeypatch, capsys):
                      str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith("error: no architecture known for model 'nobody/no-such-model'")
+    assert err.startswith("config error: no architecture known for model 'nobody/no-such-model'")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_model_on_the_cpu_is_one_line(tmp_path, monkeypatch, capsys):
+    """Without a GPU there is no plan; loading the model is what fails, and that is the config's model too."""
+    from grpo_lib import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli.main(["train", "--preset", "cpu-tiny", "--set", "model=nobody/no-such-model", "--run-dir",
+                     str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("config error: model='nobody/no-such-model' cannot be loaded:")
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    from grpo_lib import cli
+
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["plan", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"config error: config file {missing}: cannot be read (No such file " \
+                                               f"or directory)"
+    assert cli.main(["doctor", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"run directory: {missing} does not exist"
+
+
+def test_a_bug_shows_its_traceback_and_the_run_so_far(tmp_path, monkeypatch, capsys):
+    """A ValueError or OSError the CLI does not know is not the user's to fix: it is shown with its traceback
+    (exit 1), and, when the run has logged steps, the doctor command that reads them."""
+    from grpo_lib import cli, runlog
+
+    def broken_train(args):
+        raise ValueError("index 7 is out of bounds")  # what a bug deep in a step raises
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / runlog.LOG_NAME).write_text('{"step": 1}\n')  # a step was logged before the bug
+    monkeypatch.setattr(cli, "cmd_train", broken_train)
+    assert cli.main(["train", "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise ValueError("index 7 is out of bounds")' in err
+    assert err.splitlines()[-1] == (f"an unexpected error (see above); the steps logged before it are in "
+                                    f"{run_dir / runlog.LOG_NAME}: `python -m grpo_lib doctor {run_dir}` reads them")
+
+    monkeypatch.setattr(cli, "cmd_plan", lambda args: open(tmp_path / "gone" / "x"))  # an OSError
+    assert cli.main(["plan"]) == 1
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and "Traceback" in err
+    assert err.splitlines()[-1].startswith("an unexpected error (a bug in grpo_lib or a library it calls")
+
+
+NO_NOTEBOOK_PACKAGES = """
+import sys
+
+class NoNotebookPackages:  # as if ipywidgets and IPython were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("ipywidgets", "IPython"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+sys.meta_path.insert(0, NoNotebookPackages())
+for name in ("ipywidgets", "IPython"):
+    try:
+        __import__(name)
+        sys.exit(f"the blocker let {name} through")
+    except ModuleNotFoundError:
+        pass
+from grpo_lib.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("ipywidgets", "IPython", "ipykernel"))
+print("NOTEBOOK MODULES", loaded)
+sys.exit(code)
+"""
+
+
+def test_train_runs_without_notebook_packages(tmp_path):
+    """The command line's training needs no ipywidgets or IPython: its terminal dashboard is grpo_lib.console."""
+    out = subprocess.run([sys.executable, "-c", NO_NOTEBOOK_PACKAGES, "train", *SMALL[:2], "--steps", "1",
+                          *SMALL[6:], "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=900, cwd=Path(__file__).parents[1])  # seconds alone; minutes on a loaded machine
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "NOTEBOOK MODULES []" in out.stdout
+    assert [r.step for r in runlog.load_run_log(tmp_path / "run")] == [1]
+    assert "step 1/1  reward" in out.stdout  # the terminal dashboard's step line (tqdm.write)
 
 
 def test_a_local_model_folder_is_planned_from_its_config(tmp_path, monkeypatch):
