@@ -292,7 +292,7 @@ PRESETS: dict[str, dict] = {
         reward_funcs=("code_tests", "code_syntax"),
         learning_rate=3e-4,
         beta=0.04,
-        max_steps=30,
+        max_steps=20,  # the sampled completions pass 0.84 of their tests by step 5, near 1 from step 12
         num_eval_prompts=64,
         save_steps=10,
     ),
