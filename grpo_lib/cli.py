@@ -4,6 +4,7 @@
     python -m grpo_lib train --config my_run.yaml --run-dir runs/big --save-steps 25
     python -m grpo_lib train --preset cpu-tiny --run-dir runs/demo --resume
     python -m grpo_lib doctor runs/demo        # what went wrong (or right) in a run, with advice
+    python -m grpo_lib export runs/demo --merged exports/demo --gguf exports/demo.gguf --quant q8_0
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Merge a run's adapter into a standalone checkpoint and/or a GGUF file, with a model card; optionally upload."""
+    from . import export
+
+    export.export_run(args.run_dir, merged_dir=args.merged, gguf_path=args.gguf, quant=args.quant, dtype=args.dtype,
+                      verify=args.verify, push_to_hub_repo=args.push_to_hub)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grpo_lib", description="GRPO workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,6 +165,16 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("run_dir", help="a run directory (or its log.jsonl), or a TRL output dir (its trainer_state.json)")
     d.add_argument("--config", help="the run's YAML config, where the run dir has no config.json (a TRL run)")
     d.add_argument("--json", action="store_true", help="print the findings as JSON")
+    e = sub.add_parser("export", help="merge a run's adapter: a Hugging Face checkpoint, a GGUF, a model card")
+    e.add_argument("run_dir", help="a finished run directory (with adapter/ and config.json)")
+    e.add_argument("--merged", metavar="OUT_DIR", help="write the merged checkpoint (safetensors) here")
+    e.add_argument("--gguf", metavar="OUT.gguf", help="write a GGUF file for llama.cpp / Ollama here")
+    e.add_argument("--quant", default="f16", choices=("f16", "q8_0", "q4_0"), help="GGUF weight type")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="merge dtype (auto: bf16 for a 4-bit run, else the run's compute dtype)")
+    e.add_argument("--verify", action="store_true", help="measure the exports against the adapter-on model on "
+                   "held-out prompts (loads the GGUF back)")
+    e.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hugging Face model repo")
     return p
 
 
@@ -163,13 +183,15 @@ def user_errors() -> dict[type, str]:
     reward function, memory), each with the label of its one-line message. Anything else, a ValueError or an
     OSError included, may be a bug: a traceback."""
     from .data import DataError
+    from .export import ExportError
     from .memory import MemoryPlanError
     from .rewards import RewardFunctionError
     from .runlog import RunDirError
     from .trainer import StepOOMError
 
     return {ConfigError: "config error", DataError: "data error", RunDirError: "run directory",
-            RewardFunctionError: "reward function", MemoryPlanError: "memory", StepOOMError: "out of memory"}
+            RewardFunctionError: "reward function", MemoryPlanError: "memory", StepOOMError: "out of memory",
+            ExportError: "export"}
 
 
 def doctor_pointer(args) -> str:
@@ -187,7 +209,8 @@ def doctor_pointer(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor}[args.command](args)
+        return {"train": cmd_train, "plan": cmd_plan, "doctor": cmd_doctor,
+                "export": cmd_export}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: the run log and the last checkpoint are kept; continue with --resume", file=sys.stderr)
         return 130
