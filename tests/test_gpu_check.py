@@ -67,7 +67,7 @@ def gpu_machine_env(tmp_path: Path, hidden=ABSENT) -> dict:
 
 def run_smoke(out: Path, env=None):
     command = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--steps", "1", "--json", str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env, cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
