@@ -28,7 +28,8 @@ from .advantages import advantage_stats, group_advantages
 from .config import GRPOConfig
 from .data import check_dataset, filter_long_prompts
 from .logprobs import rollout_logps
-from .loss import grpo_loss, k3_kl, mask_truncated_completions, masked_mean, microbatch_normalizers, probability_ratio
+from .loss import (grpo_loss, k3_kl, loss_kwargs, mask_truncated_completions, masked_mean, microbatch_normalizers,
+                   probability_ratio)
 from .models import (fp16_matmuls_accumulate_in_fp32, frozen_copy, is_peft, model_compute_dtype, model_device,
                      model_mode, reference_mode, trainable_parameters)
 from .rewards import (RewardScores, default_trainer_state, required_columns, resolve_reward_funcs,
@@ -274,7 +275,7 @@ class GRPOTrainer:
         # training mode: dropout, and gradient checkpointing (HF models checkpoint only in training mode)
         with model_mode(self.model, training=True):
             try:
-                updates = []  # _optimizer_step's numbers, one per update
+                updates = []  # optimizer_step's numbers, one per update
                 for it in range(c.num_iterations):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_total = 0.0
@@ -287,10 +288,7 @@ class GRPOTrainer:
                             loss, stats = grpo_loss(
                                 logps, None if old_logps is None else old_logps[idx],
                                 None if ref_logps is None else ref_logps[idx], advantages[idx], loss_mask[idx],
-                                loss_type=c.loss_type, epsilon=c.epsilon, epsilon_high=c.epsilon_high, beta=c.beta,
-                                max_completion_length=c.max_completion_length,
-                                importance_sampling_level=c.importance_sampling_level, entropies=entropies,
-                                top_entropy_quantile=c.top_entropy_quantile, **normalizers)
+                                **loss_kwargs(c), entropies=entropies, **normalizers)
                             self.scaler.scale(loss).backward()
                             loss_total += loss.item()
                             share = stats.pop("tokens") / max(loss_mask.sum().item(), 1)  # token-weighted stat means
@@ -301,7 +299,7 @@ class GRPOTrainer:
                                 token_entropy[idx] = entropies.float()
                             if it == c.num_iterations - 1 and old_logps is not None:
                                 token_ratio[idx] = probability_ratio(logps.detach(), old_logps[idx]).float()
-                    updates.append(self._optimizer_step())
+                    updates.append(self.optimizer_step())
                 # the loss scale of the step's first backward; a skip in any of its num_iterations updates counts
                 totals.update({"loss": loss_total, "grad_norm": updates[-1]["grad_norm"],
                                "amp/loss_scale": updates[0]["amp/loss_scale"],
@@ -319,11 +317,11 @@ class GRPOTrainer:
             token_stats["kl"] = k3_kl(token_logps, ref_logps.float())
         return totals, self._per_token_lists(token_stats, mask)
 
-    def _optimizer_step(self) -> dict[str, float]:
-        """Unscale, clip, step, update the loss scale and the learning rate (unless the step was skipped).
-        Returns grad_norm, amp/loss_scale (the scale the backward used; 1.0 without loss scaling) and
-        amp/step_skipped (1.0 if the GradScaler skipped the optimiser step because the gradients held inf/NaN,
-        else 0.0)."""
+    def optimizer_step(self) -> dict[str, float]:
+        """Unscale, clip, step, update the loss scale and the learning rate (unless the step was skipped), on the
+        gradients the backward passes left in .grad (notebook 04 calls it after its own backward). Returns
+        grad_norm, amp/loss_scale (the scale the backward used; 1.0 without loss scaling) and amp/step_skipped
+        (1.0 if the GradScaler skipped the optimiser step because the gradients held inf/NaN, else 0.0)."""
         scale = self.scaler.get_scale()  # 1.0 when loss scaling is off
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
