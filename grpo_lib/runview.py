@@ -286,8 +286,9 @@ def exact_groups(e: dict, names, weights, ranges, kinds, total_range) -> dict[st
     """One logged step's group shares (GROUP_COLUMNS) and var/<fn>, from its completions' rewards."""
     G = e["num_generations"]
     total = np.array([_num(x) for x in e["total"]]).reshape(-1, G)  # [groups, G]
+    rows = e.get("rewards") or [[] for _ in range(total.size)]
     per_fn = np.array([[_num(row[f]) if f < len(row) else np.nan for f in range(len(names))]
-                       for row in e.get("rewards") or []]).reshape(-1, G, len(names))  # [groups, G, F]
+                       for row in rows]).reshape(len(total), G, len(names))  # [groups, G, F] (F may be 0)
     correct, wrong = _correct_and_wrong(total, per_fn, names, ranges, kinds, total_range)  # [groups, G] each
     alike = np.array([np.ptp(t[np.isfinite(t)]) == 0 if np.isfinite(t).any() else True for t in total])
     all_correct = alike & correct.all(axis=1)
