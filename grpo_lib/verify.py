@@ -588,7 +588,7 @@ def make_code_tests_reward(limits: sandbox.SandboxLimits | None = None, max_work
     reward_timeout_s=30): worst case, every program loops, the call takes about batch_timeout_s, and the
     programs it had no time to start score 0.0 (with a warning naming the fix)."""
 
-    def reward(completions, prompts=None, **kwargs):
+    def reward(completions, prompts=None, log_extra=None, **kwargs):
         columns = {k: v for k, v in kwargs.items() if k in CODE_TEST_COLUMNS}
         results = score_code(completions, columns.pop("tests", None), limits, max_workers, batch_timeout_s,
                              prompts=prompts, **columns)
@@ -600,6 +600,8 @@ def make_code_tests_reward(limits: sandbox.SandboxLimits | None = None, max_work
         if results and all(r is None for r in results) and not any(k in kwargs for k in CODE_TEST_COLUMNS):
             warnings.warn(f"{name}: no row has test columns (one of {', '.join(CODE_TEST_COLUMNS)}); every "
                           f"completion is unscorable", RuntimeWarning, stacklevel=2)
+        if log_extra is not None:  # the verdicts travel with the step record (the completion inspector shows them)
+            log_extra(f"{name}/verdict", [None if r is None else r.reason for r in results])
         return [None if r is None else r.fraction for r in results]
 
     reward.__name__ = name

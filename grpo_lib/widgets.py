@@ -172,13 +172,16 @@ def _text_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> st
 
 def _card_html(record: StepRecord, i: int, quantity: str, kl_scale: float) -> str:
     """One completion: its total (or "unscorable": no function applies, advantage 0), advantage,
-    per-function rewards (weighted sum = total) and text."""
+    per-function rewards (weighted sum = total), what reward functions logged for it, and its text."""
     j = i - record.num_generations * (i // record.num_generations)
     adv = finite_or(record.advantages[i], 0.0)
     colour = "green" if adv > 0 else "red" if adv < 0 else "gray"
     flag = ' <span style="color:#b00">truncated</span>' if record.truncated[i] else ""
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>&times;{w:g}</td><td>{_reward_text(r)}</td></tr>"
                    for name, w, r in zip(record.reward_names, record.reward_weights, record.rewards[i]))
+    # what reward functions logged for this completion (log_extra), e.g. the code reward's test verdicts
+    rows += "".join(f'<tr><td>{html.escape(column)}</td><td colspan="2">{html.escape(str(values[i]))}</td></tr>'
+                    for column, values in record.logged.items() if i < len(values) and values[i] is not None)
     return (f'<div class="grpo-card" data-index="{i}" style="flex:1 1 200px;min-width:180px;border:1px solid #ccc;'
             f'border-radius:4px;padding:6px">'
             f"<b>#{j}</b> total <b>{_reward_text(record.total[i], 'unscorable')}</b> advantage "

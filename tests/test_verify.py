@@ -459,3 +459,11 @@ def test_a_completion_without_a_program_says_why():
         "no program: no ```python code block",
         "no program: the ```python code block is not closed (cut off at max_completion_length?)"]
     assert [r.total for r in results] == [4, 4]
+
+
+def test_code_reward_logs_its_verdicts_for_the_inspector():
+    logged = {}
+    reward = make_code_tests_reward(limits=FAST)
+    out = reward([SUM_LIST_TASK["reference"], "no code"], tests=[SUM_LIST_TASK["tests"], None],
+                 log_extra=lambda column, values: logged.__setitem__(column, values))
+    assert out == [1.0, None] and logged == {"code_tests/verdict": ["ok: 4/4 tests passed", None]}

@@ -121,6 +121,15 @@ def test_inspector_card_shows_breakdown_total_and_advantage():
     assert "x&lt;y&gt;" in insp.html.value and "<y>" not in insp.html.value  # completion text is escaped
 
 
+def test_inspector_card_shows_what_reward_functions_logged():
+    rec = inspector_record(2, False)
+    rec.logged = {"code_tests/verdict": ["ok: 3/3 tests passed", None, "1/3 tests failed; first: test 0: <x>"] * 2}
+    insp = CompletionInspector(rec)
+    html = insp.html.value
+    assert '<td>code_tests/verdict</td><td colspan="2">ok: 3/3 tests passed</td>' in html
+    assert "first: test 0: &lt;x&gt;</td>" in html and html.count("code_tests/verdict") == 2  # None: no row
+
+
 @pytest.mark.parametrize("quantity, first, second", [
     ("logp", 'logp=-0.1" style="background:rgba(214,39,40,0.10)', 'logp=-2" style="background:rgba(214,39,40,0.86)'),
     ("ratio", 'ratio=1.1" style="background:rgba(31,119,180,0.50)',
