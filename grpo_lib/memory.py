@@ -187,7 +187,8 @@ COMPONENTS = {
     "optimizer_states": ("always", "AdamW exp_avg + exp_avg_sq"),
     "cuda_context": ("always", "CUDA context, cuBLAS workspace, kernels"),
     "kv_cache": ("generation", "keys/values of N rows x (prompt + completion) tokens x layers"),
-    "sampling_buffers": ("generation", "per-token [N, vocab] fp32 logits and probabilities"),
+    "sampling_buffers": ("generation", "per-token [N, vocab] fp32 logits and probabilities (logits of the steps "
+                                       "between two host synchronisations on a GPU)"),
     "merged_weights": ("generation", "LoRA merged into a copy of the adapted base weights while sampling"),
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
     "activations": ("training", "tensors autograd saves for backward: a micro-batch, or one group on the shared path"),
@@ -327,7 +328,10 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
 
     # 2) generation: the KV cache of N rows of (P + T) tokens, the sampling buffers of one decoding step
     components["kv_cache"] = N * (P + T) * spec.num_layers * 2 * spec.kv_dim * (4 if stream_fp32 else wb)
-    components["sampling_buffers"] = SAMPLING_BLOCKS * N * spec.vocab_size * 4
+    from .sampling import SYNC_EVERY  # decode keeps the logits of the steps between two host synchronisations
+
+    window = 1 if cpu else SYNC_EVERY
+    components["sampling_buffers"] = (SAMPLING_BLOCKS + window - 1) * N * spec.vocab_size * 4
     # models.merged_adapters: a merged copy of every adapted weight while sampling (not into 4-bit weights)
     adapted = spec.num_layers * sum(i * o for n, (i, o) in spec.linear_shapes().items()
                                     if n in lora_targets(config.lora_target_modules))

@@ -1,8 +1,9 @@
 """Sampling a group of G completions per prompt, with the masks GRPO needs.
 
 Each prompt is prefilled once and its KV cache repeated for its G completions (shared_prompt_cache);
-`decode` then samples token by token and drops a row from the batch as soon as it ends, so no step
-computes finished completions. The completion mask covers each completion up to and including its
+`decode` moves it into buffers with room for the whole completion (written in place, never concatenated),
+samples token by token, and drops a row from the batch once it ends (at the next host synchronisation:
+every token on a CPU, every SYNC_EVERY tokens on a GPU), so finished completions cost at most a few steps. The completion mask covers each completion up to and including its
 first EOS; a completion that reaches max_completion_length without EOS is flagged truncated (it is
 still scored and trained on).
 """
@@ -185,41 +186,118 @@ def nonfinite_logits_message(logits: torch.Tensor, step: int, rows: torch.Tensor
             "with a lower learning_rate.")
 
 
+SYNC_EVERY = 8
+"""Decoding steps between host synchronisations on an asynchronous device (CUDA): reading a flag back makes the
+host wait for the GPU's queue to drain, so finished rows leave, and non-finite logits are reported, every
+SYNC_EVERY tokens; a finished row decodes padding until then. On a CPU every op has finished when it returns:
+a flag costs nothing to read, so rows leave (and the check runs) after every token."""
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """One layer's keys/values in a buffer [N, heads, capacity, d] allocated once for the whole completion:
+        a decoding step writes its token's keys/values in place and attends over the filled part, a view
+        [n, heads, length, d] (a DynamicLayer concatenates, copying the whole cache, every step). Rows that
+        leave are compacted to the front; the buffer keeps its first allocation."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            n, h, length, d = keys.shape
+            self.key_buffer, self.value_buffer = keys.new_empty(n, h, capacity, d), values.new_empty(n, h, capacity, d)
+            self.key_buffer[:, :, :length], self.value_buffer[:, :, :length] = keys, values
+            self.rows, self.length = n, length
+            self._view()
+
+        def _view(self):
+            self.keys = self.key_buffer[:self.rows, :, :self.length]
+            self.values = self.value_buffer[:self.rows, :, :self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.size(-2)
+            if end > self.key_buffer.size(2):
+                raise RuntimeError(f"decoding past the preallocated cache ({self.key_buffer.size(2)} positions)")
+            self.key_buffer[:self.rows, :, self.length:end] = key_states
+            self.value_buffer[:self.rows, :, self.length:end] = value_states
+            self.length = end
+            self._view()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            k = len(indices)
+            self.key_buffer[:k, :, :self.length] = self.keys[indices]  # indices ascending: a gather, then a copy
+            self.value_buffer[:k, :, :self.length] = self.values[indices]
+            self.rows = k
+            self._view()
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(cache, new_tokens: int):
+    """The keys/values of a DynamicCache [N, heads, S, d] per layer in PreallocatedLayers with room for
+    `new_tokens` more positions."""
+    from transformers.cache_utils import Cache
+
+    layer = _preallocated_layer_class()
+    return Cache(layers=[layer(l.keys, l.values, l.keys.size(2) + new_tokens) for l in cache.layers])
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, max_new_tokens: int,
            eos_ids: list[int], pad_id: int, temperature: float | None = 1.0, top_p: float = 1.0,
-           top_k: int | None = None) -> torch.Tensor:
+           top_k: int | None = None, sync_every: int | None = None) -> torch.Tensor:
     """Completions [N, T <= max_new_tokens] of left-padded prompts [N, P] whose KV `cache` holds every
     prompt token but the last (shared_prompt_cache); ids after a row's first EOS are pad_id.
 
-    A row that samples EOS leaves the batch: its cache rows are dropped, so each decoding step runs
-    only the rows still writing (generate() keeps computing finished rows until the longest is done).
+    The cache is moved once into buffers with room for the whole completion (preallocated_cache). A row that
+    samples EOS leaves the batch at the next host synchronisation, every `sync_every` steps (default: 1 on a
+    CPU, SYNC_EVERY on a GPU): its cache rows are dropped, so later steps run only the rows still writing
+    (generate() keeps computing finished rows until the longest is done).
     Raises NonFiniteLogitsError on inf/NaN logits (an fp16 overflow), where multinomial sampling would fail too.
     """
-    N = prompt_ids.size(0)
-    out = torch.full((N, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
-    eos = torch.tensor(eos_ids, device=prompt_ids.device)
-    rows = torch.arange(N, device=prompt_ids.device)  # the rows still writing, in cache order
-    tokens, mask = prompt_ids[:, -1:], prompt_mask  # [n, 1] next input, [n, P + t] attention mask
+    N, P = prompt_ids.shape
+    device = prompt_ids.device
+    sync_every = sync_every or (1 if device.type == "cpu" else SYNC_EVERY)
+    cache = preallocated_cache(cache, max_new_tokens)
+    out = torch.full((N, max_new_tokens), pad_id, dtype=prompt_ids.dtype, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    rows = torch.arange(N, device=device)  # the rows still in the batch, in cache order
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(N, max_new_tokens)], dim=1)  # [n, P + T]: step t reads P + t
+    tokens = prompt_ids[:, -1:]  # [n, 1] next input
     position = prompt_mask.sum(dim=1, keepdim=True) - 1  # [n, 1] position of the next input
+    finished = torch.zeros(N, dtype=torch.bool, device=device)  # [n] sampled EOS, still in the batch
+    last = torch.zeros((), dtype=torch.long, device=device)  # the last step at which a row finished
+    window = []  # (logits [n, V], all finite []) of the steps since the last synchronisation
     for t in range(max_new_tokens):
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache,
-                       use_cache=True).logits[:, -1]  # [n, V]
-        new = next_tokens(logits, temperature, top_p, top_k)  # [n]
+        logits = model(input_ids=tokens, attention_mask=mask[:, :P + t], position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # [n, V]
+        new = next_tokens(logits, temperature, top_p, top_k).masked_fill(finished, pad_id)  # [n]
         out[rows, t] = new
-        writing = ~torch.isin(new, eos)
-        # one host synchronisation for both: a draw from inf/NaN logits is garbage (token 0), never an error
-        nonfinite, done = torch.stack([~torch.isfinite(logits).all(), ~writing.any()]).tolist()
-        if nonfinite:
-            raise NonFiniteLogitsError(nonfinite_logits_message(logits, t, rows))
-        if done:
-            return out[:, :t + 1]
-        if not writing.all():
-            keep = writing.nonzero().flatten()
-            cache.batch_select_indices(keep)
-            rows, new, mask, position = rows[keep], new[keep], mask[keep], position[keep]
+        ends = torch.isin(new, eos) & ~finished
+        finished, last = finished | ends, torch.where(ends.any(), t, last)
+        window.append((logits, torch.isfinite(logits).all()))
         tokens, position = new[:, None], position + 1
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        if (t + 1) % sync_every and t + 1 < max_new_tokens:
+            continue
+        # --- one host synchronisation: the window's finiteness, the last finishing step, the finished rows ---
+        flags = torch.cat([torch.stack([f for _, f in window]).long(), last[None], finished.long()]).tolist()
+        finite, t_last, done = flags[:len(window)], flags[len(window)], flags[len(window) + 1:]
+        if not all(finite):  # a draw from inf/NaN logits is garbage (token 0), never an error
+            bad = finite.index(0)
+            raise NonFiniteLogitsError(nonfinite_logits_message(window[bad][0], t + 1 - len(window) + bad, rows))
+        window = []
+        if all(done):
+            return out[:, :t_last + 1]
+        if any(done):
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+            cache.batch_select_indices(keep)
+            rows, tokens, mask, position = rows[keep], tokens[keep], mask[keep], position[keep]
+            finished = finished[keep]
     return out
 
 
@@ -256,10 +334,11 @@ def sample_groups(model, tokenizer, prompts: list, num_generations: int, max_com
     eos_ids = eos_token_ids(model, tokenizer)
     merged = merged_adapters(model) if merge_adapters else contextlib.nullcontext(model)
     with model_mode(model, training=False), merged as policy:  # no dropout while sampling
-        cache = shared_prompt_cache(policy, prompt_ids, prompt_mask, num_generations)
+        # the prompts' cache passed on, not kept here: decode moves it into its own buffers and frees it
         sampled = decode(policy, prompt_ids.repeat_interleave(num_generations, dim=0),  # [N, P]
-                         prompt_mask.repeat_interleave(num_generations, dim=0), cache, max_completion_length,
-                         eos_ids, tokenizer.pad_token_id, temperature, top_p)
+                         prompt_mask.repeat_interleave(num_generations, dim=0),
+                         shared_prompt_cache(policy, prompt_ids, prompt_mask, num_generations),
+                         max_completion_length, eos_ids, tokenizer.pad_token_id, temperature, top_p)
     completion_ids, mask, truncated, completion_texts = finish_completions(sampled, eos_ids, tokenizer)
     return Rollout(texts, prompt_ids, prompt_mask, completion_ids, mask, completion_texts, truncated,
                    num_generations)

@@ -71,9 +71,12 @@ def test_draw_never_leaves_the_support_when_rounding_reaches_the_total(monkeypat
 
 
 @pytest.mark.slow
-def test_decode_drops_finished_rows_and_writes_what_generate_writes(embedded_policy):
+@pytest.mark.parametrize("sync_every", [None, 3])
+def test_decode_drops_finished_rows_and_writes_what_generate_writes(embedded_policy, sync_every):
     """Greedy, so both must produce the same tokens; prompts of different lengths (left padding) and an
-    end token chosen so that rows end at different steps, which makes decode shrink its batch mid-way."""
+    end token chosen so that rows end at different steps, which makes decode shrink its batch mid-way.
+    sync_every=3 (as on a GPU): rows that end between synchronisations decode padding until the next one,
+    and the output is still generate's, same width."""
     model, tokenizer = embedded_policy
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True)
@@ -96,12 +99,40 @@ def test_decode_drops_finished_rows_and_writes_what_generate_writes(embedded_pol
                                          top_p=None, top_k=None)
         cache = shared_prompt_cache(model, ids, mask, 1)
         got = decode(model, ids, mask, cache, T, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
-                     temperature=None)
+                     temperature=None, sync_every=sync_every)
     finally:
         model.generation_config.eos_token_id = saved
     lengths = reference[1].sum(1).tolist()
     assert len(set(lengths)) >= 3, lengths  # rows did end at different steps
     assert torch.equal(got, reference[0])  # same tokens, padding after each EOS, same width
+
+
+def test_preallocated_cache_writes_in_place_and_keeps_the_chosen_rows():
+    """The decoder's cache: each update writes into the buffer allocated at the start (same storage), the
+    layer's keys/values are the prompt's followed by every update's (as a DynamicLayer's concatenation), and
+    dropping rows keeps exactly those rows' keys/values."""
+    from transformers.cache_utils import DynamicCache
+
+    from grpo_lib.sampling import preallocated_cache
+
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(4, 2, 5, 3, generator=g), torch.randn(4, 2, 5, 3, generator=g)  # [N, heads, S, d]
+    cache = preallocated_cache(DynamicCache([(k0, v0)]), new_tokens=3)
+    layer = cache.layers[0]
+    storage = layer.keys.untyped_storage().data_ptr()
+    k1, v1 = torch.randn(4, 2, 1, 3, generator=g), torch.randn(4, 2, 1, 3, generator=g)
+    keys, values = cache.update(k1, v1, 0)
+    assert torch.equal(keys, torch.cat([k0, k1], 2)) and torch.equal(values, torch.cat([v0, v1], 2))
+    assert cache.get_seq_length() == 6 and keys.untyped_storage().data_ptr() == storage
+    cache.batch_select_indices(torch.tensor([1, 3]))
+    k2, v2 = torch.randn(2, 2, 1, 3, generator=g), torch.randn(2, 2, 1, 3, generator=g)
+    keys, values = cache.update(k2, v2, 0)
+    assert torch.equal(keys, torch.cat([k0[[1, 3]], k1[[1, 3]], k2], 2))
+    assert torch.equal(values, torch.cat([v0[[1, 3]], v1[[1, 3]], v2], 2))
+    assert keys.untyped_storage().data_ptr() == storage
+    cache.update(k2, v2, 0)
+    with pytest.raises(RuntimeError, match="past the preallocated cache"):
+        cache.update(k2, v2, 0)
 
 
 def test_sample_groups_masks_and_truncation(tiny_model, tokenizer):
