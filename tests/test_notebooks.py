@@ -28,7 +28,7 @@ nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["01_sampling_groups", "02_rewards", "03_advantages", "04_loss_and_kl", "05_train_4bit_lora",
-            "06_scale_out", "07_variants_and_diagnostics"]
+            "06_scale_out", "07_variants_and_diagnostics", "08_code_rewards"]
 NOTEBOOKS = [NOTEBOOKS_DIR / f"{name}.ipynb" for name in EXPECTED]
 CELL_TIMEOUT_S = 600  # one cell; the budget of a whole notebook on a 2-core CPU is 5 minutes
 KERNEL = "python3"
@@ -271,7 +271,8 @@ def test_notebook_runs_on_the_colab_t4_path(path, tmp_path):
     nb = execute(path, tmp_path, injected, env={"TOKENIZERS_PARALLELISM": "false"})
     printed = "".join(o.get("text", "") for c in code_cells(nb) for o in c.outputs)
     if "load_in_4bit" in printed:  # the config summary: the preset's settings were used
+        task = "humaneval" if path.stem == "08_code_rewards" else "gsm8k"  # 08 runs the preset's code variant
         for setting in ("load_in_4bit = True", "gradient_checkpointing = True", "dtype = 'float16'",
-                        "num_generations = 8", "task = 'gsm8k'"):
+                        "num_generations = 8", f"task = '{task}'"):
             name, value = setting.split(" = ")
             assert re.search(rf"{name}\s+= {re.escape(value)}", printed), setting
