@@ -61,10 +61,15 @@ def finite_or(x, default):
 
 
 def ema(values: list[float], smoothing: float = 0.6) -> list[float]:
-    """Exponential moving average s_t = smoothing * s_{t-1} + (1 - smoothing) * x_t, with s_0 = x_0."""
+    """Debiased exponential moving average, as TensorBoard smooths:
+    m_t = smoothing * m_{t-1} + (1 - smoothing) * x_t with m_{-1} = 0, and s_t = m_t / (1 - smoothing^(t+1)).
+    Starting the average at x_0 instead (s_0 = x_0) gives the first step a weight that decays slowly, so a short
+    run's smoothed curve stays near its first value and above or below every later raw point."""
     out: list[float] = []
-    for x in values:
-        out.append(x if not out else smoothing * out[-1] + (1 - smoothing) * x)
+    m = 0.0
+    for t, x in enumerate(values):
+        m = smoothing * m + (1 - smoothing) * x
+        out.append(m / (1 - smoothing ** (t + 1)) if smoothing < 1 else x)
     return out
 
 
@@ -151,6 +156,11 @@ def plot_group_advantages(record: StepRecord, max_groups: int | None = None):
             ax.remove()
     for ax in axes[::ncols][:nrows]:
         ax.set_ylabel("advantage")
+    # a shared y-axis of at least +-1 (advantages are z-scores): all-flat groups would otherwise zoom onto
+    # rounding noise (an axis of 1e-17)
+    shown = [abs(finite_or(a, 0.0)) for a in record.advantages[:n * G]]
+    lim = max(1.0, 1.25 * max(shown, default=0.0))
+    axes[0].set_ylim(-lim, lim)
     fig.suptitle(f"step {record.step}: advantage per completion (label = reward, n/a = unscorable, "
                  f"hatched = truncated); {int(zero_std.sum())}/{record.num_groups} groups with zero variance",
                  fontsize=10)

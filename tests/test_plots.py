@@ -83,10 +83,11 @@ def test_group_advantages_max_groups():
 
 
 def test_ema_by_hand():
-    # s0 = 1; s1 = 0.5*1 + 0.5*3 = 2; s2 = 0.5*2 + 0.5*2 = 2
-    assert ema([1.0, 3.0, 2.0], smoothing=0.5) == [1.0, 2.0, 2.0]
+    # m0 = 0.5, s0 = 0.5 / 0.5 = 1; m1 = 0.25 + 1.5 = 1.75, s1 = 1.75 / 0.75; m2 = 0.875 + 1 = 1.875, s2 = 1.875 / 0.875
+    assert ema([1.0, 3.0, 2.0], smoothing=0.5) == pytest.approx([1.0, 1.75 / 0.75, 1.875 / 0.875])
     assert ema([5.0, 1.0], smoothing=0.0) == [5.0, 1.0]
     assert ema([], smoothing=0.6) == []
+    assert ema([2.0] * 5, smoothing=0.9) == pytest.approx([2.0] * 5)  # debiased: a constant stays itself
 
 
 CURVE_METRICS = [
@@ -116,14 +117,16 @@ def check_curves(fig):
     assert note(fig) == ["constant over the run, not plotted: learning rate = 1e-05"]
     total, per_func = axes["reward (mean total)"], axes["reward per function (mean)"]
     assert line(total, "reward/mean:raw") == ([1, 2, 3], [1.0, 3.0, 2.0])
-    assert line(total, "reward/mean:ema") == ([1, 2, 3], [1.0, 2.0, 2.0])  # smoothing 0.5, by hand above
+    xs, ys = line(total, "reward/mean:ema")  # smoothing 0.5, by hand in test_ema_by_hand
+    assert xs == [1, 2, 3] and ys == pytest.approx([1.0, 1.75 / 0.75, 1.875 / 0.875])
     assert line(per_func, "reward/format/mean:raw") == ([1, 2, 3], [0.0, 1.0, 1.0])
-    assert line(per_func, "reward/format/mean:ema") == ([1, 2, 3], [0.0, 0.5, 0.75])
+    xs, ys = line(per_func, "reward/format/mean:ema")  # m = 0, 0.5, 0.75 over 1 - 0.5^(t+1) = 0.5, 0.75, 0.875
+    assert xs == [1, 2, 3] and ys == pytest.approx([0.0, 0.5 / 0.75, 0.75 / 0.875])
     assert total.get_legend() is None  # one series, named by the title
     assert [t.get_text() for t in per_func.get_legend().get_texts()] == ["format"]  # found by reward/*/mean
     kl_x, kl_y = line(axes["KL to reference"], "kl/mean:raw")
     assert kl_x == [1, 3] and kl_y == pytest.approx([0.1, 0.3])  # the missing step is left out, not 0
-    assert line(axes["KL to reference"], "kl/mean:ema")[1] == pytest.approx([0.1, 0.2])
+    assert line(axes["KL to reference"], "kl/mean:ema")[1] == pytest.approx([0.1, 0.175 / 0.75])  # m1 = 0.025 + 0.15
     assert [ax.get_ylabel() for ax in fig.axes] == ["weighted total", "unweighted reward", "KL per token (nats)"]
 
 
@@ -220,7 +223,8 @@ def test_plot_runs_overlays_runs_with_one_colour_each(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["grpo", "dapo"]  # one entry per run
     total = axes["reward (mean total)"]
     assert line(total, "grpo:reward/mean:raw") == ([1, 2], [1.0, 2.0])
-    assert line(total, "grpo:reward/mean:ema") == ([1, 2], [1.0, 1.5])
+    xs, ys = line(total, "grpo:reward/mean:ema")  # m0 = 0.5, s0 = 1; m1 = 0.25 + 1 = 1.25, s1 = 1.25 / 0.75
+    assert xs == [1, 2] and ys == pytest.approx([1.0, 1.25 / 0.75])
     assert line(total, "dapo:reward/mean:raw") == ([1, 2, 3], [0.0, 0.0, 0.0])
     colour = {gid.split(":")[0]: to_rgba(ln.get_color()) for ln in total.get_lines() if (gid := ln.get_gid())}
     assert colour == {"grpo": to_rgba("C0"), "dapo": to_rgba("C1")}
@@ -229,7 +233,8 @@ def test_plot_runs_overlays_runs_with_one_colour_each(tmp_path):
     per_func = axes["reward per function (mean)"]
     emas = {ln.get_gid(): ln for ln in per_func.get_lines() if ln.get_gid().endswith(":ema")}
     assert set(emas) == {"grpo:reward/answer/mean:ema", "grpo:reward/format/mean:ema", "dapo:reward/buggy/mean:ema"}
-    assert list(emas["grpo:reward/format/mean:ema"].get_ydata()) == [0.5, 0.75]
+    # raw [0.5, 1.0]: m0 = 0.25 -> 0.5; m1 = 0.125 + 0.5 = 0.625 -> 0.625 / 0.75
+    assert list(emas["grpo:reward/format/mean:ema"].get_ydata()) == pytest.approx([0.5, 0.625 / 0.75])
     assert len({ln.get_linestyle() for ln in emas.values()}) == 3
     assert emas["grpo:reward/format/mean:ema"].get_color() == emas["grpo:reward/answer/mean:ema"].get_color()
     assert [t.get_text() for t in per_func.get_legend().get_texts()] == ["answer", "buggy", "format"]
@@ -240,7 +245,9 @@ def test_plot_runs_overlays_runs_with_one_colour_each(tmp_path):
     assert line(kl, "dapo:kl/mean:raw")[1] == pytest.approx([0.0, 0.01, 0.03])
     assert line(axes["token entropy"], "dapo:entropy/mean:raw") == ([1, 3], [2.0, 1.0])
     assert line(axes["zero-variance groups"], "grpo:adv/zero_std_frac:raw") == ([1, 2], [0.25, 0.5])
-    assert line(axes["completion length"], "dapo:completion/mean_length:ema")[1] == pytest.approx([16.0, 16.0, 15.5])
+    # raw 16, 16, 15: m2 = 0.5 * 12 + 7.5 = 13.5 over 0.875
+    assert line(axes["completion length"], "dapo:completion/mean_length:ema")[1] == pytest.approx([16.0, 16.0,
+                                                                                                 13.5 / 0.875])
 
 
 def test_plot_runs_constant_runs_are_drawn_and_errors():
