@@ -39,10 +39,13 @@ def format_duration(seconds: float) -> str:
 
 def eta_text(step_times: list[float], steps_left: int, eval_seconds: float | None = None) -> str:
     """'ETA 12 min + ~1 min final evaluation': steps_left times the median measured step time (robust to a
-    slow first step), plus the final evaluation's expected duration if given; "" before any measured step."""
+    slow first step), plus the final evaluation's expected duration if given; "" before any measured step.
+    After the last step: 'training done, final evaluation ~1 min' (what is left is no longer training)."""
     if not step_times:
         return ""
-    parts = [format_duration(statistics.median(step_times) * steps_left)] if steps_left > 0 else []
+    if steps_left <= 0:
+        return f"training done, final evaluation ~{format_duration(eval_seconds)}" if eval_seconds else ""
+    parts = [format_duration(statistics.median(step_times) * steps_left)]
     parts += [f"~{format_duration(eval_seconds)} final evaluation"] if eval_seconds else []
     return "ETA " + " + ".join(parts) if parts else ""
 

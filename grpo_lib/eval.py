@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import verify
+from .advantages import group_advantages
 from .config import GRPOConfig
 from .data import format_prompt, shortcut_accuracy
 from .logprobs import rollout_logps
@@ -155,3 +156,50 @@ def comparison_table(before: dict, after: dict) -> str:
         lines.append(f"{label:<42}{after['shortcut']['accuracy']:>8.3f}{after['shortcut']['accuracy']:>8.3f}"
                      f"{'':>9}")
     return "\n".join(lines)
+
+
+SHORTCUT_MARGIN = 0.1
+"""Held-out correctness within this of the task's shortcut's score is read as the shortcut, not the task."""
+
+
+def interpret(before: dict, after: dict, steps: int) -> str:
+    """What a before/after evaluation says, in sentences built from its numbers (notebook 05 shows them as
+    Markdown, so the prose cannot go stale): the change in correctness, whether the task's shortcut explains it
+    (within SHORTCUT_MARGIN of the shortcut's score on the same prompts), and whether sentences agree with tags."""
+    text = [f"After {steps} steps, held-out correctness went from {before['accuracy']:.3f} to {after['accuracy']:.3f}."]
+    shortcut = after.get("shortcut")
+    if shortcut:
+        name, score = shortcut["name"], shortcut["accuracy"]
+        if after["accuracy"] <= score + SHORTCUT_MARGIN:
+            text.append(f"That is within {SHORTCUT_MARGIN} of the shortcut *{name}* ({score:.3f} on these prompts): "
+                        f"so far the policy has found the shortcut, not the task. A run that stopped here would "
+                        f"have learned a trick; the README's main job (the same preset, 30 steps) goes on past it.")
+        else:
+            text.append(f"That is {after['accuracy'] - score:.3f} above the shortcut *{name}* ({score:.3f} on these "
+                        f"prompts): more than the trick explains.")
+    cb, ca = before.get("consistency"), after.get("consistency")
+    if all(isinstance(c, float) and not math.isnan(c) for c in (cb, ca)):
+        text.append(f"Among completions that state \"X is larger than Y\", {ca:.0%} make a true claim that matches "
+                    f"their tag (before training: {cb:.0%}).")
+    return " ".join(text)
+
+
+def describe_groups(record) -> str:
+    """One step's groups in words: how many have no reward spread (no gradient), and of those how many are all
+    right, all wrong (by the `answer` reward, when the run has one) and G copies of one completion."""
+    G, n = record.num_generations, record.num_groups
+    totals = torch.tensor([math.nan if t is None else t for t in record.total]).view(n, G)  # [groups, G]
+    flat = [g for g in range(n) if bool(group_advantages(totals[g:g + 1])[1][0])]
+    text = [f"At step {record.step}, {len(flat)} of {n} groups have no reward spread (all {G} completions scored "
+            f"the same), so they contribute no gradient."]
+    if flat and "answer" in record.reward_names:
+        f = record.reward_names.index("answer")
+        answers = [[record.rewards[g * G + j][f] for j in range(G)] for g in flat]
+        right = sum(all(a == 1.0 for a in group) for group in answers)
+        wrong = sum(all(not a for a in group) for group in answers)
+        text.append(f"Of those, {right} are all right and {wrong} all wrong.")
+    copies = sum(len(set(record.completions[g * G:(g + 1) * G])) == 1 for g in flat)
+    if copies:
+        text.append(f"{copies} are {G} copies of one completion: sampling has become deterministic there.")
+    text.append("The step taught nothing." if len(flat) == n else f"The other {n - len(flat)} carry the whole update.")
+    return " ".join(text)

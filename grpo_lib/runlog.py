@@ -54,9 +54,9 @@ class StepRecord:
     tokens: list[list[str]] = field(default_factory=list)  # [N][len] token strings, for the inspector
     token_stats: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [N][len] (logp, ratio, kl)
     logged: dict[str, list] = field(default_factory=dict)  # column -> [N] values reward functions passed to log_extra
-
     reward_ranges: list = field(default_factory=list)  # [F] declared [low, high] of each function, or None
     reward_kinds: list = field(default_factory=list)  # [F] declared kind ("correctness", "format", "other") or None
+
     @property
     def num_groups(self) -> int:
         return len(self.prompts)

@@ -133,3 +133,33 @@ def test_evaluate_calls_reward_functions_as_trl_does(tiny_model, tokenizer):
     expected = [0.0 if n <= 3 else (3 - n) / 2 if n <= 5 else -1.0 for n in lengths]
     think = [1.0 if t.startswith("<think>") and "</think>" in t else 0.0 for t in result["completions"]]
     assert result["reward/mean"] == pytest.approx(sum(e + t for e, t in zip(expected, think)) / len(expected))
+
+
+def test_interpret_says_whether_the_shortcut_explains_the_result():
+    from grpo_lib.eval import interpret
+
+    shortcut = {"name": "always the first number", "accuracy": 0.53125}
+    before = {"accuracy": 0.25, "consistency": 0.5, "shortcut": shortcut}
+    near = interpret(before, {"accuracy": 0.5625, "consistency": 0.25, "shortcut": shortcut}, steps=8)
+    assert near.startswith("After 8 steps, held-out correctness went from 0.250 to 0.562.")
+    assert "within 0.1 of the shortcut *always the first number* (0.531 on these prompts)" in near
+    assert near.endswith("25% make a true claim that matches their tag (before training: 50%).")
+    far = interpret(before, {"accuracy": 0.96875, "consistency": 1.0, "shortcut": shortcut}, steps=30)
+    assert "0.438 above the shortcut" in far and "found the shortcut" not in far  # 0.96875 - 0.53125
+    assert interpret({"accuracy": 0.0}, {"accuracy": 0.5}, steps=2) == (
+        "After 2 steps, held-out correctness went from 0.000 to 0.500.")  # no shortcut, no claims: nothing more
+
+
+def test_describe_groups_counts_flat_groups_by_hand():
+    from grpo_lib.eval import describe_groups
+    from grpo_lib.runlog import StepRecord
+
+    # 3 groups of G=2: [1, 1] all right (copies of one text), [0, 0] all wrong, [1, 0] a spread
+    rec = StepRecord(step=8, prompts=["a", "b", "c"], completions=["x", "x", "y", "z", "u", "v"],
+                     reward_names=["format", "answer"], rewards=[[1, 1], [1, 1], [1, 0], [1, 0], [1, 1], [1, 0]],
+                     reward_weights=[1.0, 1.0], total=[2, 2, 1, 1, 2, 1], advantages=[0, 0, 0, 0, 0.7, -0.7],
+                     truncated=[False] * 6, lengths=[1] * 6, num_generations=2)
+    assert describe_groups(rec) == (
+        "At step 8, 2 of 3 groups have no reward spread (all 2 completions scored the same), so they contribute no "
+        "gradient. Of those, 1 are all right and 1 all wrong. 1 are 2 copies of one completion: sampling has become "
+        "deterministic there. The other 1 carry the whole update.")

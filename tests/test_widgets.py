@@ -418,7 +418,8 @@ def test_format_duration_and_eta_text():
     assert eta_text([], 5) == ""  # nothing measured yet
     # the median step time (robust to a slow first step) times the steps left, then the evaluation
     assert eta_text([100.0, 30.0, 36.0], 20, eval_seconds=60) == "ETA 12 min + ~1 min final evaluation"
-    assert eta_text([30.0], 0, eval_seconds=60) == "ETA ~1 min final evaluation" and eta_text([30.0], 0) == ""
+    assert eta_text([30.0], 0, eval_seconds=60) == "training done, final evaluation ~1 min"
+    assert eta_text([30.0], 0) == ""
 
 
 def test_dashboard_eta_terminal(capsys):
