@@ -29,6 +29,7 @@ import importlib
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -179,6 +180,7 @@ class _WandB:
         self.steps = _SentSteps(state_path, "wandb_last_step", "wandb_id" in state)
         tracker.run_dir.mkdir(parents=True, exist_ok=True)
         _write_state(state_path, {**state, "wandb_id": run_id})
+        _wait_for_a_new_wandb_second(tracker.run_dir / "wandb", run_id)
         self.run = module.init(project=tracker.project, name=tracker.run_name, config=tracker.config,
                                dir=str(tracker.run_dir), id=run_id, resume="allow")
 
@@ -189,6 +191,14 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _wait_for_a_new_wandb_second(wandb_dir: Path, run_id: str) -> None:
+    """W&B names a session's directory <mode>-run-<local YYYYmmdd_HHMMSS>-<id>: a resume that starts within
+    the second the last session started would reuse that directory and overwrite its run file, losing the
+    last session's points. Waits (at most about a second) until the name is new."""
+    while any(wandb_dir.glob(f"*run-{time.strftime('%Y%m%d_%H%M%S', time.localtime())}-{run_id}")):
+        time.sleep(1.01 - time.time() % 1.0)
 
 
 def _read_state(path: Path) -> dict:
