@@ -70,6 +70,12 @@ class GRPOTrainer:
     and the columns the reward functions read. run_dir: where the run log and checkpoints go (optional).
     ref_model: the reference policy of full fine-tuning (a model without adapters) with beta > 0; by
     default a frozen copy of the model made here. LoRA models use themselves with adapters off.
+
+    Random streams: building a trainer draws from and seeds nothing. The global streams (Python, NumPy, torch
+    on every device: rng.seed_everything) are seeded with config.seed when training starts, at the beginning
+    of the first step() of a fresh run (train() goes through step()), so what a notebook drew before does not
+    change the run. seed() seeds them earlier, explicitly; the first step then does not seed again. A resume()
+    that restores a checkpoint restores the checkpoint's streams instead, and nothing seeds after it.
     """
 
     def __init__(self, model, tokenizer, reward_funcs=None, config: GRPOConfig | None = None, train_dataset=None,
@@ -87,7 +93,6 @@ class GRPOTrainer:
         rows = check_dataset(train_dataset, required_columns=required_columns(self.reward_funcs))
         self.rows = filter_long_prompts(rows, tokenizer, config.max_prompt_length, config.long_prompts)
         self.run_dir = Path(run_dir) if run_dir else None
-        seed_everything(config.seed)
         params = trainable_parameters(model)
         if not params:
             raise ValueError("the model has no trainable parameters (load it with lora_r > 0, or unfreeze it)")
@@ -107,6 +112,13 @@ class GRPOTrainer:
         self.saturated_steps = 0  # steps in a row at or above saturation_threshold (saturation stop)
         self.skipped_steps = 0  # steps in a row whose fp16 optimiser step was skipped (max_skipped_steps stop)
         self.stop_reason: str | None = None  # set when train() stops before max_steps
+        self.rng_started = False  # the global streams were seeded by seed() or restored by resume()
+
+    def seed(self) -> None:
+        """Seed every global random stream with config.seed now (the first step of a fresh run does it itself,
+        unless this or a resume() already set them)."""
+        seed_everything(self.config.seed)
+        self.rng_started = True
 
     # ------------------------------------------------------------------------------------------
     # data order: a fresh seeded permutation per epoch, so a resume can recompute it
@@ -130,6 +142,8 @@ class GRPOTrainer:
         """Run one GRPO step and return its record (not written anywhere: train() does that)."""
         c = self.config
         G = c.num_generations
+        if self.step_count == 0 and not self.rng_started:
+            self.seed()  # training starts here: the run's streams do not depend on anything drawn before
         times = {"generate": 0.0, "score": 0.0}
 
         # 1) + 2) sample G completions per prompt and score them [N, F] -> total [N]; with dynamic sampling,
@@ -513,6 +527,7 @@ class GRPOTrainer:
         self.saturated_steps = state.get("saturated_steps", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
         set_rng_state(state["rng"])
+        self.rng_started = True  # the checkpoint's streams: the next step continues them, never reseeds
 
 
 def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_std: torch.Tensor, rollout,

@@ -58,6 +58,93 @@ def test_step_record_is_consistent(tokenizer):
     json.dumps(rec.to_dict())  # serialisable as strict JSON
 
 
+# ----------------------------------------------------------------------------------------------
+# seeding: when training starts, never when a trainer is built
+# ----------------------------------------------------------------------------------------------
+
+
+def global_draws() -> tuple:
+    """One draw from each global stream seed_everything seeds: (python, numpy, torch)."""
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+
+def seed_globals(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_building_a_trainer_leaves_the_global_random_streams_alone(tokenizer):
+    model = add_random_lora(make_tiny_llama(len(tokenizer)))  # the model's own initialisation draws first
+    seed_globals(123)
+    GRPOTrainer(model, tokenizer, [has_a_vowel_count], tiny_config(), PROMPTS)
+    after_trainer = global_draws()
+    seed_globals(123)
+    assert after_trainer == global_draws()
+
+
+def test_the_first_step_seeds_whatever_was_drawn_before_it(tokenizer):
+    """Two trainers of one config; before their first step the global streams are left in different states
+    (different seeds, different amounts drawn): the first steps sample and score the same completions."""
+    records = []
+    for seed, draws in ((0, 0), (1, 57)):
+        trainer = make_trainer(tokenizer)
+        seed_globals(seed)
+        for _ in range(draws):
+            global_draws()
+        records.append(trainer.step())
+    first, second = records
+    assert first.completion_ids == second.completion_ids and first.completions == second.completions
+    assert first.rewards == second.rewards and first.advantages == second.advantages
+
+
+def test_seed_seeds_every_stream_with_the_configs_seed(tokenizer):
+    trainer = make_trainer(tokenizer, seed=11)
+    torch.manual_seed(0)
+    trainer.seed()
+    seeded = global_draws()
+    seed_globals(11)
+    assert seeded == global_draws()
+
+
+def test_an_explicit_seed_is_not_repeated_by_the_first_step(tokenizer):
+    """trainer.seed() starts the streams; the first step then continues from wherever the caller left them, so
+    what is drawn in between shifts the step (here: 5 torch draws, against a step right after seed())."""
+    plain = make_trainer(tokenizer)
+    plain.seed()
+    expected = plain.step()
+    shifted = make_trainer(tokenizer)
+    shifted.seed()
+    torch.rand(5)
+    assert shifted.step().completion_ids != expected.completion_ids
+    again = make_trainer(tokenizer)
+    torch.manual_seed(77)
+    assert again.step().completion_ids == expected.completion_ids  # seed() then step() = a step that seeds itself
+
+
+def test_resume_from_a_step_0_checkpoint_keeps_its_random_state(tokenizer, tmp_path):
+    """A checkpoint written before the first step holds the RNG state of that moment; resuming it must continue
+    from that state, not seed again at the first step."""
+    original = make_trainer(tokenizer, run_dir=tmp_path)
+    original.seed()
+    torch.rand(7)  # a state that seeding would not give
+    original.save_checkpoint()
+    expected = original.step()
+    assert expected.completion_ids != make_trainer(tokenizer).step().completion_ids, "the shift shows in the step"
+    resumed = make_trainer(tokenizer, run_dir=tmp_path, lora_seed=99)
+    assert resumed.resume() == 0
+    record = resumed.step()
+    assert record.completion_ids == expected.completion_ids and record.total == expected.total
+
+
 def step_capturing_rollout(trainer):
     """trainer.step(), and the Rollout it sampled: (StepRecord, Rollout)."""
     import grpo_lib.trainer as tr
