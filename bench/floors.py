@@ -117,7 +117,7 @@ def floors(spec, config, prompt_tokens: list[int], lengths: list[int]) -> dict[s
 
 
 if __name__ == "__main__":
-    from grpo_lib.memory import MODEL_SPECS
+    from grpo_lib.model_specs import MODEL_SPECS
 
     spec = MODEL_SPECS["SmolLM2-135M-Instruct"]
     for m in (1, 8, 32, 256, 1024):

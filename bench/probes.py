@@ -49,11 +49,11 @@ def saved_bytes(model, fn) -> tuple[int, torch.Tensor]:
 
 
 def probe_saved() -> None:
-    from grpo_lib import memory
+    from grpo_lib import memory, model_specs
     from grpo_lib.logprobs import shared_prompt_logps
 
     model, _ = policy()
-    spec = memory.model_spec(model)
+    spec = model_specs.model_spec(model)
     prompt, completions = group_inputs(spec.vocab_size)
     measured, _ = saved_bytes(model, lambda: shared_prompt_logps(model, prompt[None], torch.ones_like(prompt)[None], completions,
                                                             torch.zeros(len(completions), dtype=torch.long)))

@@ -105,7 +105,7 @@ def run_grpo_lib(args) -> dict:
 
     from floors import floors
 
-    from grpo_lib.memory import model_spec
+    from grpo_lib.model_specs import model_spec
 
     spec = model_spec(config.model)
     steps, plain = [], []

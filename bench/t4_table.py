@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from grpo_lib import memory
+from grpo_lib import memory, memory_advice
 from grpo_lib.cli import parse_overrides
 from grpo_lib.config import GRPOConfig
 
@@ -42,7 +42,7 @@ def table(config: GRPOConfig, device_bytes: int) -> str:
                  + " | ".join(f"**{gib(r.total_bytes)}**" for r in reports) + " |")
     lines.append("| largest phase | " + " | ".join(r.peak_phase for r in reports) + " |")
     lines.append(f"| verdict on {gib(device_bytes)} GiB | "
-                 + " | ".join(memory._verdict(r).split(" (")[0].split(":")[0] for r in reports) + " |")
+                 + " | ".join(memory_advice._verdict(r).split(" (")[0].split(":")[0] for r in reports) + " |")
     return "\n".join(lines)
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     print(table(config, int(args.device_gib * memory.GiB)))
     r = memory.estimate(config, MODELS[-1], int(args.device_gib * memory.GiB))
     if not r.fits:
-        print(f"\n{MODELS[-1]}: " + "; ".join(memory.suggest_cheaper(config, MODELS[-1], r.device_bytes)[:4]))
+        print(f"\n{MODELS[-1]}: " + "; ".join(memory_advice.suggest_cheaper(config, MODELS[-1], r.device_bytes)[:4]))
     return 0
 
 

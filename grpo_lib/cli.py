@@ -45,7 +45,7 @@ def build_config(args) -> GRPOConfig:
 
 
 def cmd_train(args) -> int:
-    from . import data, eval as evaluation, memory, models, runlog
+    from . import data, eval as evaluation, memory_advice, models, runlog
     from .doctor import diagnose, format_findings
     from .console import TerminalDashboard
     from .trainer import GRPOTrainer
@@ -54,9 +54,9 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir)
     print(f"config: {config.model} task={config.task} G={config.num_generations} "
           f"prompts/step={config.prompts_per_step} steps={config.max_steps} -> {run_dir}", flush=True)
-    report = memory.plan_or_refuse(config)  # on a GPU: refuse, before loading anything, a run that cannot fit
+    report = memory_advice.plan_or_refuse(config)  # on a GPU: refuse, before loading anything, a run that cannot fit
     if report is not None:
-        print(memory.format_report(report), flush=True)
+        print(memory_advice.format_report(report), flush=True)
     t0 = time.time()
     model, tokenizer = models.load_policy_from_config(config)
     print(f"model loaded in {time.time() - t0:.1f}s", flush=True)
@@ -108,13 +108,14 @@ def _save_plots(run_dir: Path, before, after) -> None:
 
 
 def cmd_plan(args) -> int:
-    from . import memory
+    from . import memory, memory_advice
 
     config = build_config(args)
     report = memory.estimate(config, config.model)
-    print(memory.format_report(report))
+    print(memory_advice.format_report(report))
     if not report.fits:
-        print("cheaper settings:\n  " + "\n  ".join(memory.suggest_cheaper(config, config.model, report.device_bytes)))
+        advice = memory_advice.suggest_cheaper(config, config.model, report.device_bytes)
+        print("cheaper settings:\n  " + "\n  ".join(advice))
     return 0 if report.fits else 1
 
 
@@ -184,7 +185,7 @@ def user_errors() -> dict[type, str]:
     OSError included, may be a bug: a traceback."""
     from .data import DataError
     from .export import ExportError
-    from .memory import MemoryPlanError
+    from .memory_advice import MemoryPlanError
     from .rewards import RewardFunctionError
     from .runlog import RunDirError
     from .trainer import StepOOMError

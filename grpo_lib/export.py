@@ -31,7 +31,9 @@ import torch
 
 from . import models, runlog
 from .config import GRPOConfig
-from .memory import GiB, MemoryPlanError, model_spec
+from .memory import GiB
+from .memory_advice import MemoryPlanError
+from .model_specs import lora_targets, model_spec
 
 QUANTS = ("f16", "q8_0", "q4_0")
 # GGUF architecture per transformers model_type. llama.cpp's llama rotates interleaved pairs of a head's
@@ -153,8 +155,6 @@ def plan_export(run_config: dict, device: str, dtype: torch.dtype, *, merged: bo
     `available` (and `host_available` on a GPU) default to what is free now; pass smaller ones to test a refusal."""
     spec = model_spec(run_config["model"])
     targets = run_config.get("lora_target_modules", "all-linear")
-    from .memory import lora_targets
-
     shapes = [i * o for n, (i, o) in spec.linear_shapes().items() if n in lora_targets(targets)]
     largest = max(spec.vocab_size * spec.hidden_size, *(i * o for i, o in spec.linear_shapes().values()))
     weights = spec.num_params * torch.finfo(dtype).bits // 8

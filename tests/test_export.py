@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from grpo_lib import data, export, models, runlog
 from grpo_lib import eval as evaluation
 from grpo_lib.config import GRPOConfig
-from grpo_lib.memory import MemoryPlanError
+from grpo_lib.memory_advice import MemoryPlanError
 from grpo_lib.trainer import GRPOTrainer
 from tests.conftest import make_tiny_llama
 

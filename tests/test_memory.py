@@ -1,5 +1,6 @@
-"""The memory planner: architecture table, hand-checkable components, the T4 preset, advice, and the
-prediction against the measured resident-memory increase of real CPU training steps."""
+"""The memory planner: the architecture table (model_specs), hand-checkable components of the estimate
+(memory), the T4 preset, the report and advice (memory_advice), and the prediction against the measured
+resident-memory increase of real CPU training steps."""
 
 import importlib.util
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lib import memory
+from grpo_lib import memory, memory_advice, model_specs
 from grpo_lib.config import GRPOConfig
 from grpo_lib.memory import GiB
 
@@ -37,29 +38,29 @@ PUBLISHED_PARAMS = {
 
 @pytest.mark.parametrize("hub_id", sorted(PUBLISHED_PARAMS))
 def test_builtin_specs_match_published_parameter_counts(hub_id):
-    spec = memory.model_spec(hub_id)
+    spec = model_specs.model_spec(hub_id)
     assert spec.num_params == pytest.approx(PUBLISHED_PARAMS[hub_id], rel=0.01)
 
 
 def test_model_names_resolve_with_or_without_org_and_suffix():
-    spec = memory.model_spec("Qwen/Qwen2.5-1.5B-Instruct")
-    assert memory.model_spec("qwen2.5-1.5b") is spec
-    assert memory.model_spec("Qwen2.5-1.5B-Instruct") is spec
-    assert memory.model_spec("smollm2-135m").name == "SmolLM2-135M-Instruct"
+    spec = model_specs.model_spec("Qwen/Qwen2.5-1.5B-Instruct")
+    assert model_specs.model_spec("qwen2.5-1.5b") is spec
+    assert model_specs.model_spec("Qwen2.5-1.5B-Instruct") is spec
+    assert model_specs.model_spec("smollm2-135m").name == "SmolLM2-135M-Instruct"
     with pytest.raises(ValueError, match="Qwen2.5-1.5B-Instruct"):  # the message lists what is known
-        memory.model_spec("some-org/unknown-model")
+        model_specs.model_spec("some-org/unknown-model")
 
 
 def test_spec_of_a_loaded_model_counts_its_parameters_and_lora(tiny_model):
     from tests.conftest import add_random_lora
 
     model = add_random_lora(tiny_model, r=4)
-    spec = memory.model_spec(model)
+    spec = model_specs.model_spec(model)
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     assert spec.num_params == base_params
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert spec.lora_params(4, "all-linear") == lora
-    assert memory.model_spec(model.config) == spec  # a transformers config gives the same spec
+    assert model_specs.model_spec(model.config) == spec  # a transformers config gives the same spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def test_spec_of_a_loaded_model_counts_its_parameters_and_lora(tiny_model):
 def test_persistent_components_by_hand():
     c = GRPOConfig.preset("cpu-tiny")
     r = memory.estimate(c, "smollm2-135m", device="cpu")
-    spec = memory.model_spec("smollm2-135m")
+    spec = model_specs.model_spec("smollm2-135m")
     assert r.components["weights"] == spec.num_params * 4  # fp32 on CPU
     lora = 30 * 16 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # q, o; k, v; gate, up, down
     assert r.components["lora_params"] == lora * 4
@@ -84,7 +85,7 @@ def test_persistent_components_by_hand():
 
 def test_four_bit_weights_and_fp32_embeddings():
     c = GRPOConfig.preset("colab-t4")
-    spec = memory.model_spec(c.model)
+    spec = model_specs.model_spec(c.model)
     r = memory.estimate(c, c.model)
     # nf4 linear layers (~0.516 bytes/param with double quantisation) + fp32 embeddings/norms/biases
     assert r.components["weights"] == round(spec.linear_params * memory.NF4_BYTES_PER_PARAM + spec.other_params * 4)
@@ -143,8 +144,8 @@ def test_top_entropy_quantile_keeps_the_micro_batch_in_one_backward():
     assert whole.components["layer_backward"] > per_group.components["layer_backward"]
     assert whole.components["reference_pass"] == per_group.components["reference_pass"]  # no grad: the micro-batch
     assert not whole.settings["backward_per_group"] and per_group.settings["backward_per_group"]
-    assert "a backward every 1 group(s)" in memory.format_report(per_group)
-    assert "a backward every" not in memory.format_report(whole)
+    assert "a backward every 1 group(s)" in memory_advice.format_report(per_group)
+    assert "a backward every" not in memory_advice.format_report(whole)
     # one group per micro-batch, or the plain path: a backward per micro-batch anyway
     for same in (dict(gradient_accumulation_steps=4), dict(share_prompt_forward=False)):
         assert (memory.estimate(base.replace(top_entropy_quantile=0.2, **same), spec).phases
@@ -181,9 +182,9 @@ def test_7b_does_not_fit_the_t4_preset_and_the_advice_says_what_would():
     c = GRPOConfig.preset("colab-t4", share_prompt_forward=False)
     r = memory.estimate(c, "Qwen/Qwen2.5-7B-Instruct", 15 * GiB)
     assert not r.fits
-    text = memory.format_report(r)
+    text = memory_advice.format_report(r)
     assert "does NOT fit" in text and "weights" in text and "activations" in text
-    advice = memory.suggest_cheaper(c, "Qwen/Qwen2.5-7B-Instruct", 15 * GiB)
+    advice = memory_advice.suggest_cheaper(c, "Qwen/Qwen2.5-7B-Instruct", 15 * GiB)
     assert advice[0].startswith("now:")
     fitting = [a for a in advice[1:] if "(fits in" in a]
     assert fitting and "gradient_accumulation_steps" in fitting[0]
@@ -192,11 +193,25 @@ def test_7b_does_not_fit_the_t4_preset_and_the_advice_says_what_would():
 
 def test_format_report_lists_every_component_and_the_verdict():
     c = GRPOConfig.preset("colab-t4")
-    text = memory.format_report(memory.estimate(c, c.model, 15 * GiB))
+    text = memory_advice.format_report(memory.estimate(c, c.model, 15 * GiB))
     for label in ("weights", "LoRA parameters", "gradients", "AdamW states", "KV cache", "activations",
                   "logits chunks", "CUDA context", "predicted peak", "verdict: fits"):
         assert label in text, label
     print(text)
+
+
+def test_a_plan_above_93_percent_of_the_device_fits_tightly():
+    """The verdict and the advice share one rule: a plan that fits but takes more than TIGHT = 93% of the
+    device fits tightly (the caching allocator's fragmentation may tip it over)."""
+    c = GRPOConfig.preset("colab-t4")
+    total = memory.estimate(c, c.model, 15 * GiB).total_bytes
+    for share, verdict, word in ((0.95, "fits, but tightly (95% of the device)", "fits tightly"),
+                                 (0.90, "fits (90% of the device)", "fits")):
+        device_bytes = round(total / share)
+        report = memory.estimate(c, c.model, device_bytes)
+        assert memory_advice._verdict(report).startswith(verdict)
+        now = memory_advice.suggest_cheaper(c, c.model, device_bytes)[0]
+        assert now.endswith(f"({word} in {memory.bytes_text(device_bytes)})"), now
 
 
 def test_cli_plan_prints_the_table_and_exits_by_the_verdict():
@@ -232,7 +247,8 @@ def test_merged_sampling_weights_are_planned_without_4bit_only():
     """Sampling merges LoRA into a copy of the adapted weights (models.merged_adapters): the generation
     phase holds one more copy of every adapted linear weight, in the compute dtype, unless the base is 4-bit."""
     from grpo_lib.config import GRPOConfig
-    from grpo_lib.memory import MODEL_SPECS, estimate
+    from grpo_lib.memory import estimate
+    from grpo_lib.model_specs import MODEL_SPECS
 
     spec = MODEL_SPECS["Qwen2.5-1.5B-Instruct"]
     plain = estimate(GRPOConfig(load_in_4bit=False), spec, device="cuda")
