@@ -41,7 +41,8 @@ from .tracking import Tracker
 
 
 class StepOOMError(RuntimeError):
-    """The device ran out of memory during a step; nothing of the step was applied."""
+    """The device ran out of memory during a step. The step was given back (GRPOTrainer.step), except where the
+    message says the optimiser step itself failed with num_iterations = 1: the parameters may be partly updated."""
 
 
 def lr_lambda(config: GRPOConfig):
@@ -113,6 +114,7 @@ class GRPOTrainer:
         self.skipped_steps = 0  # steps in a row whose fp16 optimiser step was skipped (max_skipped_steps stop)
         self.stop_reason: str | None = None  # set when train() stops before max_steps
         self.rng_started = False  # the global streams were seeded by seed() or restored by resume()
+        self._optimizer_step_unfinished = False  # optimizer_step began changing the weights and has not finished
 
     def seed(self) -> None:
         """Seed every global random stream with config.seed now (the first step of a fresh run does it itself,
@@ -139,11 +141,41 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
 
     def step(self) -> StepRecord:
-        """Run one GRPO step and return its record (not written anywhere: train() does that)."""
-        c = self.config
-        G = c.num_generations
+        """Run one GRPO step and return its record (not written anywhere: train() does that).
+
+        A step that fails before its update is complete (out of memory, a reward function's error, an
+        interrupt) is given back: the data position, every random stream and the loss scaler as before it, and
+        with num_iterations > 1 the weights, AdamW's state and the schedule (_update), so the next step() is the
+        step an uninterrupted run takes. With num_iterations = 1 the weights change only in the final
+        optimizer_step; if that itself fails they may be partly updated, and the error says so. Out of memory
+        is raised as StepOOMError, with cheaper settings."""
         if self.step_count == 0 and not self.rng_started:
             self.seed()  # training starts here: the run's streams do not depend on anything drawn before
+        start = {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
+                 "scaler": self.scaler.state_dict()}
+        try:
+            return self._step()
+        except BaseException as e:
+            if self.step_count != start["step"]:  # failed after its update was applied: only the record is lost
+                raise
+            partly_updated = self._give_back(start)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise StepOOMError(self._oom_advice(partly_updated)) from e
+            raise
+
+    def _give_back(self, start: dict) -> bool:
+        """Put back what step() recorded at its start; returns whether the weights may be partly updated."""
+        self.data_position = start["data_position"]
+        set_rng_state(start["rng"])
+        # a fresh scaler: torch's also remembers an unscale_ until its update(), which a failed step never reached
+        self.scaler = torch.amp.GradScaler(model_device(self.model).type, enabled=self.scaler.is_enabled())
+        self.scaler.load_state_dict(start["scaler"])
+        partly_updated, self._optimizer_step_unfinished = self._optimizer_step_unfinished, False
+        return partly_updated
+
+    def _step(self) -> StepRecord:
+        c = self.config
+        G = c.num_generations
         times = {"generate": 0.0, "score": 0.0}
 
         # 1) + 2) sample G completions per prompt and score them [N, F] -> total [N]; with dynamic sampling,
@@ -163,14 +195,11 @@ class GRPOTrainer:
 
         # 4) + 5) reference / old log-probs, then mu updates
         t0 = time.perf_counter()
-        try:
-            train_stats, token_stats = self._update(rollout, advantages)
-        except torch.OutOfMemoryError as e:
-            raise StepOOMError(self._oom_advice()) from e
+        train_stats, token_stats = self._update(rollout, advantages)
+        self.step_count += 1  # the step is applied (step() gives back only a step that was not)
         times["train"] = time.perf_counter() - t0
 
         # 6) the record
-        self.step_count += 1
         metrics = step_metrics(scores, rewards, adv, zero_std, rollout, train_stats, times,
                                self.scheduler.get_last_lr()[0], sampling_stats)
         completion_ids = rollout.completion_id_lists()
@@ -272,8 +301,9 @@ class GRPOTrainer:
                 return torch.cat([self._logps(rollout, idx, ref) for idx in micro])
 
     def _update(self, rollout, advantages: torch.Tensor):
-        """mu optimiser updates on one generation batch. If anything fails (e.g. out of memory) the
-        parameters and optimiser are restored, so a step is applied whole or not at all."""
+        """mu optimiser updates on one generation batch. If anything fails (e.g. out of memory) the gradients
+        are dropped, and with mu > 1 the parameters, optimiser and schedule are restored from a copy taken before
+        the first update. With mu = 1 no copy is needed: only the last call, optimizer_step, changes them."""
         c = self.config
         mask = rollout.completion_mask
         # the loss counts these tokens; the per-token records and the entropy metric keep every sampled one
@@ -323,6 +353,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if snapshot is not None:
                     self._restore(snapshot)
+                    self._optimizer_step_unfinished = False  # whatever it left is undone
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise
@@ -341,12 +372,16 @@ class GRPOTrainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        # from here the weights change, one parameter after another (AdamW also allocates its moments at its
+        # first step, so this can run out of memory): a failure until the end may leave them partly updated
+        self._optimizer_step_unfinished = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # update() lowers the scale (x backoff_factor) exactly when step() skipped on inf/NaN; growth only raises it
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
         if not skipped:  # a skipped update does not advance the schedule (as accelerate's scheduler under TRL)
             self.scheduler.step()
+        self._optimizer_step_unfinished = False
         return {"grad_norm": grad_norm, "amp/loss_scale": scale, "amp/step_skipped": float(skipped)}
 
     def _snapshot(self) -> dict:
@@ -361,9 +396,12 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
 
-    def _oom_advice(self) -> str:
+    def _oom_advice(self, partly_updated: bool = False) -> str:
         c = self.config
-        return (f"out of GPU memory during step {self.step_count + 1}; the step was not applied. Cheaper settings: "
+        applied = ("the optimiser step itself failed; the parameters may be partly updated (the data position, "
+                   "random streams and loss scale were given back): resume from the last checkpoint "
+                   "(trainer.resume(), or --resume)" if partly_updated else "the step was not applied")
+        return (f"out of GPU memory during step {self.step_count + 1}; {applied}. Cheaper settings: "
                 f"gradient_accumulation_steps={2 * c.gradient_accumulation_steps} (if it divides "
                 f"{c.batch_size}), num_generations={max(2, c.num_generations // 2)}, max_completion_length="
                 f"{max(16, c.max_completion_length // 2)}, gradient_checkpointing=True, load_in_4bit=True, or a "

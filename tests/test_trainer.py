@@ -226,31 +226,189 @@ def test_mu_two_uses_stored_old_logps(tokenizer):
     assert rec.metrics["clip/region"] > 0  # with epsilon=0.01, the second iteration clips
 
 
-def test_out_of_memory_after_an_optimizer_step_restores_everything(tokenizer, monkeypatch):
-    """mu=2: the first update is applied, then the second runs out of memory. The step must be undone
-    whole: parameters, AdamW states and the scheduler as they were before the step. The failure is
-    injected at the first log-prob forward after an optimizer step, wherever that falls."""
-    trainer = make_trainer(tokenizer, num_iterations=2)
-    before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
-    import grpo_lib.trainer as tr
+# ----------------------------------------------------------------------------------------------
+# a step that fails applies nothing: the next step is the one an uninterrupted run takes
+# ----------------------------------------------------------------------------------------------
 
-    original = tr.rollout_logps
-    steps_taken = []
+INIT_SCALE = 2.0 ** 16  # torch.amp.GradScaler's default init_scale; backoff_factor 0.5
+
+
+def fail_once(monkeypatch, owner, name, when):
+    """Replace owner.name by a version that raises a (simulated) CUDA out-of-memory error the first time
+    when() holds, and calls the original otherwise. Returns the list that records the failure."""
+    original = getattr(owner, name)
+    fired = []
 
     def flaky(*a, **k):
-        if trainer.scheduler.last_epoch >= 1:  # an optimizer step has been applied in this step
-            steps_taken.append(trainer.scheduler.last_epoch)
+        if not fired and when():
+            fired.append(True)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(*a, **k)
 
-    monkeypatch.setattr(tr, "rollout_logps", flaky)
+    monkeypatch.setattr(owner, name, flaky)
+    return fired
+
+
+def training_state(trainer) -> dict:
+    """Everything a step may change, as plain copies: data position, loss scale, step counts, trainable weights,
+    AdamW's state and the schedule."""
+    from grpo_lib.models import trainable_parameters
+
+    return {"data_position": trainer.data_position, "scale": trainer.scaler.get_scale(),
+            "growth": trainer.scaler.state_dict().get("_growth_tracker"), "step_count": trainer.step_count,
+            "params": [p.detach().clone() for p in trainable_parameters(trainer.model)],
+            "optimizer": copy_tree(trainer.optimizer.state_dict()), "scheduler": trainer.scheduler.state_dict()}
+
+
+def copy_tree(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: copy_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [copy_tree(v) for v in x]
+    return x
+
+
+def assert_same_tree(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def record_without_timings(record) -> dict:
+    d = record.to_dict()
+    d["metrics"] = {k: v for k, v in d["metrics"].items() if not k.startswith("time/") and k != "tokens/generate_per_s"}
+    return d
+
+
+def assert_failed_step_left_no_trace(failed, fresh):
+    """`failed` went through a step that raised; `fresh` (same config, same initial weights) never stepped. Both
+    must hold the same state now, and their next steps must give the same record and the same state after."""
+    assert_same_tree(training_state(failed), training_state(fresh))
+    assert_same_tree(record_without_timings(failed.step()), record_without_timings(fresh.step()), "record")
+    assert_same_tree(training_state(failed), training_state(fresh))
+
+
+def test_out_of_memory_after_an_optimizer_step_restores_everything(tokenizer, monkeypatch):
+    """mu=2: the first update is applied, then the second runs out of memory (at the first log-prob forward
+    after an optimizer step, wherever that falls). The step is undone whole: parameters, AdamW states, the
+    schedule, the data position and the random streams as before it, so the next step is the first step of a
+    trainer that never failed."""
+    import grpo_lib.trainer as tr
+
+    trainer, fresh = make_trainer(tokenizer, num_iterations=2), make_trainer(tokenizer, num_iterations=2)
+    fired = fail_once(monkeypatch, tr, "rollout_logps", lambda: trainer.scheduler.last_epoch >= 1)
     with pytest.raises(StepOOMError, match="the step was not applied.*gradient_accumulation_steps"):
         trainer.step()
-    assert steps_taken == [1], "the failure came after the first optimizer step"
-    after = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert fired == [True]
     assert trainer.step_count == 0 and not trainer.optimizer.state_dict()["state"]
-    assert trainer.scheduler.last_epoch == 0
+    assert trainer.scheduler.last_epoch == 0 and trainer.data_position == 0
+    assert_failed_step_left_no_trace(trainer, fresh)
+
+
+def test_out_of_memory_in_a_backward_restores_the_data_position_and_random_streams(tokenizer, monkeypatch):
+    """mu=1, two micro-batches: the second backward runs out of memory after the first one filled .grad. The
+    gradients are dropped, and the prompts and random draws the step consumed are given back."""
+    trainer = make_trainer(tokenizer, gradient_accumulation_steps=2)
+    fresh = make_trainer(tokenizer, gradient_accumulation_steps=2)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: calls.append(1) or
+                        torch.autograd.backward(self, *a, **k))
+    fired = fail_once(monkeypatch, torch.Tensor, "backward", lambda: len(calls) == 1)
+    with pytest.raises(StepOOMError, match="the step was not applied"):
+        trainer.step()
+    assert fired == [True] and len(calls) == 1, "the first backward ran, the second failed"
+    assert trainer.data_position == 0 and all(p.grad is None for p in trainer.model.parameters())
+    assert_failed_step_left_no_trace(trainer, fresh)
+
+
+def test_out_of_memory_in_sampling_gives_the_step_back(tokenizer, monkeypatch):
+    """Dynamic sampling's second round runs out of memory: two batches of prompts and their random draws were
+    consumed; all are given back."""
+    import grpo_lib.trainer as tr
+
+    kw = dict(prompts_per_step=2, dynamic_sampling=True, max_resample_rounds=3, seed=1)
+    trainer, fresh = make_trainer(tokenizer, **kw), make_trainer(tokenizer, **kw)
+    trainer.reward_funcs = fresh.reward_funcs = [vowels_unless_yes_or_no]
+    fired = fail_once(monkeypatch, tr, "sample_groups", lambda: trainer.data_position >= 4)
+    with pytest.raises(StepOOMError, match="during step 1; the step was not applied"):
+        trainer.step()
+    assert fired == [True] and trainer.data_position == 0
+    assert_failed_step_left_no_trace(trainer, fresh)
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_out_of_memory_inside_the_optimizer_step_says_what_it_left(tokenizer, monkeypatch, mu):
+    """AdamW allocates its moments at its first step, so the step itself can run out of memory, halfway through
+    the parameters. mu=2 holds a copy of the weights and optimiser (the step is undone whole); mu=1 does not, so
+    the error says the parameters may be partly updated and to resume; the data position, random streams and
+    loss scale are given back either way, and the trainer can step again."""
+    trainer, fresh = make_trainer(tokenizer, num_iterations=mu), make_trainer(tokenizer, num_iterations=mu)
+    fired = fail_once(monkeypatch, trainer.optimizer, "step", lambda: True)
+    expected = ("the step was not applied" if mu == 2 else
+                "the optimiser step itself failed; the parameters may be partly updated.*resume from the last "
+                "checkpoint")
+    with pytest.raises(StepOOMError, match=expected):
+        trainer.step()
+    assert fired == [True] and trainer.data_position == 0 and trainer.step_count == 0
+    if mu == 2:
+        assert_failed_step_left_no_trace(trainer, fresh)
+    else:
+        assert trainer.step().step == 1
+
+
+def fp16_lora_trainer(tokenizer, **kw):
+    """An fp16 base with fp32 LoRA adapters: the GradScaler is on (CPU torch has one)."""
+    half = make_tiny_llama(len(tokenizer)).half()
+    half.generation_config.pad_token_id = tokenizer.pad_token_id
+    half.generation_config.eos_token_id = tokenizer.eos_token_id
+    return GRPOTrainer(add_random_lora(half, seed=0), tokenizer, [has_a_vowel_count],
+                       tiny_config(dtype="float16", **kw), PROMPTS)
+
+
+def test_out_of_memory_after_a_skipped_fp16_update_restores_the_loss_scale(tokenizer, monkeypatch):
+    """fp16, mu=2: the first update's gradients are inf (an fp16 overflow), so the GradScaler skips it and halves
+    the loss scale; then the second update runs out of memory. The scale is back at 2^16 and the next step is
+    the first step of a trainer that never failed."""
+    import grpo_lib.trainer as tr
+    from grpo_lib.models import trainable_parameters
+
+    trainer, fresh = fp16_lora_trainer(tokenizer, num_iterations=2), fp16_lora_trainer(tokenizer, num_iterations=2)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == INIT_SCALE
+    poison = {"on": True}
+    for p in trainable_parameters(trainer.model):
+        p.register_hook(lambda g: torch.full_like(g, math.inf) if poison["on"] else g)
+    seen_scales = []
+    fired = fail_once(monkeypatch, tr, "rollout_logps",
+                      lambda: seen_scales.append(trainer.scaler.get_scale()) or seen_scales[-1] < INIT_SCALE)
+    with pytest.raises(StepOOMError, match="the step was not applied"):
+        trainer.step()
+    assert fired == [True] and seen_scales[-1] == INIT_SCALE / 2, "the first update was skipped, the scale halved"
+    assert trainer.scaler.get_scale() == INIT_SCALE and trainer.data_position == 0
+    poison["on"] = False
+    assert_failed_step_left_no_trace(trainer, fresh)
+
+
+def test_fp16_out_of_memory_inside_the_optimizer_step_lets_the_next_step_unscale(tokenizer, monkeypatch):
+    """fp16, mu=1: the optimiser step fails after the GradScaler unscaled the gradients. torch's scaler remembers
+    that unscale_ ran until its update(); the restored scaler must not, or the next step's unscale_ refuses."""
+    trainer = fp16_lora_trainer(tokenizer)
+    fired = fail_once(monkeypatch, trainer.optimizer, "step", lambda: True)
+    with pytest.raises(StepOOMError, match="parameters may be partly updated"):
+        trainer.step()
+    assert fired == [True] and trainer.scaler.get_scale() == INIT_SCALE
+    record = trainer.step()
+    assert record.step == 1 and record.metrics["amp/loss_scale"] == INIT_SCALE
 
 
 def rewards_by_step(run_dir):
