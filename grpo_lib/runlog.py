@@ -1,10 +1,10 @@
-"""StepRecord, the append-only run log, and the run directory's checkpoints (atomic, pruned, resumable).
+"""StepRecord, the append-only run log, and the run directory's config.
 
 A run directory holds:
     config.json             the GRPOConfig of the run (checked on resume)
     log.jsonl               one StepRecord per line, flushed and fsynced after every step
     log.dropped.jsonl       lines removed from log.jsonl by a resume (nothing is ever deleted)
-    checkpoints/step-000010 adapter (peft format) + trainer_state.pt, written to a temp dir then renamed
+    checkpoints/step-000010 adapter (peft format) + trainer_state.pt (grpo_lib.checkpoint)
     adapter/                the final LoRA adapter (peft format)
 
 Resume policy: steps recorded after the last checkpoint are *dropped and redone*. Their lines move to
@@ -17,16 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 LOG_NAME = "log.jsonl"
 DROPPED_NAME = "log.dropped.jsonl"
-CKPT_DIR = "checkpoints"
-STATE_NAME = "trainer_state.pt"
 
 
 class RunDirError(RuntimeError):
@@ -253,176 +249,6 @@ def config_differences(old: dict, new: dict) -> dict[str, tuple]:
     """{field: (old, new)} for fields that differ, ignoring RESUMABLE_CHANGES."""
     keys = (set(old) | set(new)) - RESUMABLE_CHANGES
     return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: written to a temp dir, renamed into place, validated on load
-# ----------------------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories, oldest first (temp dirs of interrupted writes are ignored)."""
-    root = Path(run_dir) / CKPT_DIR
-    if not root.exists():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()]
-    return sorted(dirs, key=lambda d: int(d.name[5:]))
-
-
-def save_checkpoint(run_dir: str | os.PathLike, step: int, write_fn, keep: int) -> Path:
-    """Write checkpoint `step` atomically: write_fn(tmp_dir) fills a temp dir, which is fsynced and
-    renamed to checkpoints/step-NNNNNN. A crash mid-write leaves only a temp dir; the last good
-    checkpoint is untouched. Then prune to the `keep` newest."""
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_fn(tmp)
-    _write_manifest(tmp)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): swap, never half-overwrite
-        old = root / f".old-step-{step:06d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        remove_tree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)  # the rename itself is durable (on Google Drive: handed to its uploader)
-    for stale in [d for d in root.iterdir() if d.name.startswith((".tmp-", ".old-"))]:
-        remove_tree(stale)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        remove_tree(old)
-    return final
-
-
-def latest_good_checkpoint(run_dir: str | os.PathLike, load_fn) -> tuple[Path, object] | None:
-    """Newest checkpoint whose files match their manifest and that load_fn(dir) can load.
-    Damaged ones are reported with a warning and skipped. Returns (dir, load_fn result) or None."""
-    for d in reversed(checkpoint_dirs(run_dir)):
-        problem = _check_manifest(d)
-        if problem is None:
-            try:
-                return d, load_fn(d)
-            except Exception as e:  # any load failure means: damaged, try the previous one
-                problem = f"{type(e).__name__}: {e}"
-        warnings.warn(f"checkpoint {d} is damaged ({problem}); falling back to the previous one", stacklevel=2)
-    return None
-
-
-def _write_manifest(d: Path) -> None:
-    sizes = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
-    (d / "MANIFEST.json").write_text(json.dumps(sizes, indent=1))
-
-
-def _check_manifest(d: Path) -> str | None:
-    path = d / "MANIFEST.json"
-    try:
-        sizes = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return f"missing or unreadable MANIFEST.json ({e})"
-    for name, size in sizes.items():
-        p = d / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != size:
-            return f"{name} has {p.stat().st_size} bytes, expected {size} (truncated?)"
-    return None
-
-
-def _fsync_tree(d: Path) -> None:
-    """fsync every file under d, then every folder (their entries), deepest first."""
-    for p in d.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for folder in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        _fsync_dir(folder)
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some FUSE file systems do not implement fsync on a folder; the files are synced
-        pass
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------
-# Google Drive (Colab's drive.mount): a file removed through the mount goes to Drive's trash, where it counts
-# against the quota for 30 days; pruned checkpoints are deleted for good through the Drive API instead
-# ----------------------------------------------------------------------------------------------
-
-DRIVE_FS_TYPE = "fuse.drive"  # Colab's DriveFS mount, as /proc/mounts lists it
-_drive_files = None  # the Drive API's files() resource, once enable_drive_deletion() has been granted access
-_warned_trash = False
-
-
-def on_google_drive(path: str | os.PathLike, mounts: str | None = None) -> bool:
-    """Whether `path` lies on a Google Drive mount: the file system of its longest mount point in /proc/mounts
-    (or the text `mounts`) is DriveFS."""
-    if mounts is None:
-        try:
-            mounts = Path("/proc/mounts").read_text()
-        except OSError:
-            return False
-    target = os.path.abspath(path)
-    best, fs_type = "", None
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # a space is \040 there
-        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best, fs_type = point, parts[2]
-    return fs_type == DRIVE_FS_TYPE
-
-
-def drive_file_id(path: str | os.PathLike) -> str:
-    """The Drive id of a file or folder on Colab's Drive mount (DriveFS exposes it as an extended attribute)."""
-    return os.getxattr(path, "user.drive.id").decode().strip()
-
-
-def enable_drive_deletion() -> bool:
-    """Colab only: let checkpoint pruning delete old checkpoints on Google Drive for good (Drive API
-    files.delete, which skips the trash) instead of moving them to Drive's trash. Asks once for access to your
-    Drive (google.colab.auth). Returns whether it is enabled; if not, pruned checkpoints go to the trash."""
-    global _drive_files
-    try:
-        from google.colab import auth
-        from googleapiclient.discovery import build
-
-        auth.authenticate_user()
-        _drive_files = build("drive", "v3", cache_discovery=False).files()
-    except Exception as e:  # noqa: BLE001 - declined, not in Colab, no client: pruning falls back to the trash
-        warnings.warn(f"pruned checkpoints on Google Drive will go to its trash (Drive API unavailable: {e})",
-                      stacklevel=2)
-        return False
-    return True
-
-
-def remove_tree(folder: str | os.PathLike) -> None:
-    """Delete a folder. On Google Drive: for good through the Drive API when enable_drive_deletion() granted
-    access, else (into the trash) with a warning, once, on how to empty it."""
-    global _warned_trash
-    folder = Path(folder)
-    if on_google_drive(folder):
-        if _drive_files is not None:
-            try:
-                _drive_files.delete(fileId=drive_file_id(folder)).execute()  # a folder: with its contents
-            except Exception as e:  # noqa: BLE001 - deleting through the mount (to the trash) still works
-                warnings.warn(f"could not delete {folder} for good through the Drive API ({e}): it goes to Drive's "
-                              f"trash", stacklevel=3)
-        elif not _warned_trash:
-            _warned_trash = True
-            warnings.warn(f"{folder} goes to Google Drive's trash, where pruned checkpoints count against your quota "
-                          f"for 30 days: empty the trash at drive.google.com, or call "
-                          f"grpo_lib.runlog.enable_drive_deletion() once to delete them for good", stacklevel=3)
-    shutil.rmtree(folder, ignore_errors=True)  # after an API deletion: whatever the mount still shows
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""The GRPO loop: sample -> score -> advantages -> mu updates; checkpoints and the run log.
+"""The GRPO loop: sample -> score -> advantages -> mu updates; when to log and checkpoint (grpo_lib.checkpoint).
 
 The trainer only sequences the pure functions of the other modules (DESIGN.md); it defines no math.
 One `step()`:
@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from . import runlog
+from . import checkpoint, runlog
 from .advantages import advantage_stats, group_advantages
 from .config import GRPOConfig
 from .data import check_dataset, filter_long_prompts
@@ -498,24 +497,12 @@ class GRPOTrainer:
         self._run_dir_checked = True
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
-                "saturated_steps": self.saturated_steps, "skipped_steps": self.skipped_steps,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),
-                "trainable": None if is_peft(self.model) else
-                {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}}
+        """What a checkpoint's trainer_state.pt holds (checkpoint.trainer_state)."""
+        return checkpoint.trainer_state(self)
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N: the adapter (peft format) + optimizer, scheduler, RNG states, data position."""
-        if self.run_dir is None:
-            raise RunDirError("save_checkpoint needs a run_dir")
-
-        def write(folder: Path):
-            if is_peft(self.model):
-                self.model.save_pretrained(folder / "adapter")
-            torch.save(self.state_dict(), folder / runlog.STATE_NAME)
-
-        return runlog.save_checkpoint(self.run_dir, self.step_count, write, self.config.save_total_limit)
+        return checkpoint.save_trainer(self)
 
     def resume(self, run_dir: str | None = None, force: bool = False) -> int:
         """Continue from the last good checkpoint of run_dir: weights, optimiser, scheduler, RNG, data
@@ -525,47 +512,7 @@ class GRPOTrainer:
         if self.run_dir is None:
             raise RunDirError("resume needs a run_dir")
         self._check_run_config(force, resuming=True)
-        found = runlog.latest_good_checkpoint(self.run_dir, self._load_checkpoint_files)
-        step = 0
-        if found is not None:
-            folder, state = found
-            self._apply_state(state, folder)
-            step = self.step_count
-        moved = runlog.truncate_log_after(self.run_dir, step)
-        if moved:
-            warnings.warn(f"{moved} run-log line(s) after step {step} moved to {runlog.DROPPED_NAME}; "
-                          f"those steps are redone", stacklevel=2)
-        return step
-
-    def _load_checkpoint_files(self, folder: Path) -> dict:
-        state = torch.load(folder / runlog.STATE_NAME, map_location="cpu", weights_only=False)
-        if is_peft(self.model):
-            from safetensors.torch import load_file
-
-            files = list((folder / "adapter").glob("adapter_model.safetensors"))
-            if not files:
-                raise RunDirError(f"{folder}/adapter has no adapter_model.safetensors")
-            state["adapter"] = load_file(files[0])
-        return state
-
-    def _apply_state(self, state: dict, folder: Path) -> None:
-        if is_peft(self.model):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, state["adapter"])
-        else:
-            named = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for n, t in state["trainable"].items():
-                    named[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step_count, self.data_position = state["step"], state["data_position"]
-        self.saturated_steps = state.get("saturated_steps", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        set_rng_state(state["rng"])
-        self.rng_started = True  # the checkpoint's streams: the next step continues them, never reseeds
+        return checkpoint.resume_trainer(self)
 
 
 def step_metrics(scores, rewards: torch.Tensor, advantages: torch.Tensor, zero_std: torch.Tensor, rollout,

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from grpo_lib import runlog
+from grpo_lib import checkpoint
 
 MOUNTS = "\n".join([
     "overlay / overlay rw,relatime 0 0",
@@ -24,7 +24,7 @@ MOUNTS = "\n".join([
     ("/mnt/my drive/runs", True),  # /proc/mounts writes the space as \040
 ])
 def test_on_google_drive_reads_the_file_system_of_the_longest_mount_point(path, expected):
-    assert runlog.on_google_drive(path, MOUNTS) is expected
+    assert checkpoint.on_google_drive(path, MOUNTS) is expected
 
 
 def write_files(folder):
@@ -35,8 +35,8 @@ def write_files(folder):
 
 def test_a_checkpoint_is_flushed_files_and_folders_then_the_rename(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(runlog, "_fsync_dir", lambda d: synced.append(d.relative_to(tmp_path).as_posix()))
-    final = runlog.save_checkpoint(tmp_path, 3, write_files, keep=2)
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: synced.append(d.relative_to(tmp_path).as_posix()))
+    final = checkpoint.save_checkpoint(tmp_path, 3, write_files, keep=2)
     tmp = f"checkpoints/.tmp-step-000003-{__import__('os').getpid()}"
     # the written folder's subfolders and itself before the rename, then the folder holding the rename
     assert synced == [f"{tmp}/adapter", tmp, "checkpoints"]
@@ -58,19 +58,19 @@ class FakeDriveFiles:
 
 
 def on_fake_drive(monkeypatch, files):
-    monkeypatch.setattr(runlog, "on_google_drive", lambda path, mounts=None: True)
-    monkeypatch.setattr(runlog, "drive_file_id", lambda path: f"id-of-{path.name}")
-    monkeypatch.setattr(runlog, "_drive_files", files)
-    monkeypatch.setattr(runlog, "_warned_trash", False)
+    monkeypatch.setattr(checkpoint, "on_google_drive", lambda path, mounts=None: True)
+    monkeypatch.setattr(checkpoint, "drive_file_id", lambda path: f"id-of-{path.name}")
+    monkeypatch.setattr(checkpoint, "_drive_files", files)
+    monkeypatch.setattr(checkpoint, "_warned_trash", False)
 
 
 def test_pruned_checkpoints_on_drive_are_deleted_for_good_through_the_api(tmp_path, monkeypatch):
     files = FakeDriveFiles()
     on_fake_drive(monkeypatch, files)
     for step in (1, 2, 3):
-        runlog.save_checkpoint(tmp_path, step, write_files, keep=2)
+        checkpoint.save_checkpoint(tmp_path, step, write_files, keep=2)
     assert files.deleted == ["id-of-step-000001"]
-    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000003"]
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000003"]
 
 
 def test_without_the_api_a_pruned_checkpoint_goes_to_the_trash_with_one_warning(tmp_path, monkeypatch):
@@ -78,24 +78,24 @@ def test_without_the_api_a_pruned_checkpoint_goes_to_the_trash_with_one_warning(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in (1, 2, 3, 4):
-            runlog.save_checkpoint(tmp_path, step, write_files, keep=2)
+            checkpoint.save_checkpoint(tmp_path, step, write_files, keep=2)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages  # once, not at every prune
     assert "step-000001 goes to Google Drive's trash" in messages[0]
-    assert "grpo_lib.runlog.enable_drive_deletion()" in messages[0]
-    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000003", "step-000004"]
+    assert "grpo_lib.checkpoint.enable_drive_deletion()" in messages[0]
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000003", "step-000004"]
 
 
 def test_off_drive_nothing_asks_the_api(tmp_path, monkeypatch):
     files = FakeDriveFiles()
-    monkeypatch.setattr(runlog, "_drive_files", files)
+    monkeypatch.setattr(checkpoint, "_drive_files", files)
     for step in (1, 2):
-        runlog.save_checkpoint(tmp_path, step, write_files, keep=1)
-    assert files.deleted == [] and [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000002"]
+        checkpoint.save_checkpoint(tmp_path, step, write_files, keep=1)
+    assert files.deleted == [] and [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002"]
 
 
 def test_enable_drive_deletion_outside_colab_says_why_and_keeps_the_trash(monkeypatch):
-    monkeypatch.setattr(runlog, "_drive_files", None)
+    monkeypatch.setattr(checkpoint, "_drive_files", None)
     with pytest.warns(UserWarning, match="pruned checkpoints on Google Drive will go to its trash"):
-        assert runlog.enable_drive_deletion() is False
-    assert runlog._drive_files is None
+        assert checkpoint.enable_drive_deletion() is False
+    assert checkpoint._drive_files is None

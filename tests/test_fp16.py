@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpo_lib import models, runlog
+from grpo_lib import checkpoint, models, runlog
 from grpo_lib.config import ConfigError, GRPOConfig
 from grpo_lib.sampling import NonFiniteLogitsError, sample_groups
 from grpo_lib.trainer import GRPOTrainer
@@ -130,7 +130,7 @@ def test_k_skipped_steps_in_a_row_stop_the_run_with_the_reason(tokenizer, tmp_pa
     logged = [e.metrics for e in runlog.load_run_log(tmp_path)]
     assert [m["amp/step_skipped"] for m in logged] == [1.0, 1.0, 1.0]
     assert [m["amp/loss_scale"] for m in logged] == [INIT_SCALE, INIT_SCALE / 2, INIT_SCALE / 4]
-    state = torch.load(runlog.checkpoint_dirs(tmp_path)[-1] / runlog.STATE_NAME, weights_only=False)
+    state = torch.load(checkpoint.checkpoint_dirs(tmp_path)[-1] / checkpoint.STATE_NAME, weights_only=False)
     assert state["skipped_steps"] == 3 and state["scaler"]["scale"] == INIT_SCALE / 8
 
 

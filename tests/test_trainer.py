@@ -3,12 +3,11 @@ failures that apply nothing and lose nothing."""
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
 
-from grpo_lib import runlog
+from grpo_lib import checkpoint, runlog
 from grpo_lib.advantages import group_advantages
 from grpo_lib.config import GRPOConfig
 from grpo_lib.logprobs import rollout_logps
@@ -421,10 +420,10 @@ def test_resume_reproduces_uninterrupted_run(tokenizer, tmp_path):
     part = tmp_path / "part"
     t = make_trainer(tokenizer, run_dir=part, max_steps=3)  # checkpoint at 2, step 3 logged, then "crash"
     t.train()
-    assert [d.name for d in runlog.checkpoint_dirs(part)] == ["step-000002", "step-000003"]
+    assert [d.name for d in checkpoint.checkpoint_dirs(part)] == ["step-000002", "step-000003"]
     import shutil
 
-    shutil.rmtree(runlog.checkpoint_dirs(part)[-1])  # as if killed before checkpoint 3 was written
+    shutil.rmtree(checkpoint.checkpoint_dirs(part)[-1])  # as if killed before checkpoint 3 was written
     resumed = make_trainer(tokenizer, run_dir=part, lora_seed=99)  # other adapters: the checkpoint must win
     with pytest.warns(UserWarning, match="1 run-log line"):
         assert resumed.resume() == 2
@@ -439,7 +438,7 @@ def test_resume_reproduces_uninterrupted_run(tokenizer, tmp_path):
 
 def test_damaged_checkpoint_falls_back(tokenizer, tmp_path):
     make_trainer(tokenizer, run_dir=tmp_path).train()
-    last = runlog.checkpoint_dirs(tmp_path)[-1]
+    last = checkpoint.checkpoint_dirs(tmp_path)[-1]
     adapter = last / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])  # truncated
     with open(tmp_path / runlog.LOG_NAME, "a") as f:
@@ -478,7 +477,7 @@ def test_failing_reward_loses_nothing(tokenizer, tmp_path):
     with pytest.raises(RewardFunctionError, match="'breaks_on_third_step' raised KeyError"):
         trainer.train()
     assert [r.step for r in runlog.load_run_log(tmp_path)] == [1, 2]
-    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000001", "step-000002"]
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000001", "step-000002"]
 
 
 def test_dataset_without_prompt_column(tokenizer):
@@ -794,9 +793,9 @@ def test_saturation_stop_ends_the_run_and_saves_everything(tokenizer, tmp_path):
     trainer.reward_funcs = [all_right]
     records = trainer.train()
     assert [r.step for r in records] == [1, 2] and trainer.stop_reason.startswith("saturated: 2 steps in a row")
-    assert [d.name for d in runlog.checkpoint_dirs(tmp_path)] == ["step-000002"]
+    assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert torch.load(runlog.checkpoint_dirs(tmp_path)[0] / runlog.STATE_NAME, weights_only=False)["saturated_steps"] == 2
+    assert torch.load(checkpoint.checkpoint_dirs(tmp_path)[0] / checkpoint.STATE_NAME, weights_only=False)["saturated_steps"] == 2
 
 
 def test_report_to_tensorboard_gets_every_step(tokenizer, tmp_path):
