@@ -50,6 +50,16 @@ class RewardWarning(UserWarning):
     pass
 
 
+class RewardTimeout(BaseException):
+    """reward_timeout_s ran out inside a reward function (raised there by SIGALRM, see _call_with_timeout).
+
+    A BaseException, like KeyboardInterrupt, for one reason: the code it interrupts (a user's reward function,
+    verify, the sandbox's client) guards its own failures with `except Exception`, which must not swallow the
+    trainer's deadline. So no module needs to know about it: `except Exception` lets it through, `finally`
+    blocks still clean up (the sandbox kills the job's processes), and only score_completions catches it. A
+    TimeoutError the function raises itself (a socket, a subprocess) stays that function's own failure."""
+
+
 # ----------------------------------------------------------------------------------------------
 # the reward library
 # ----------------------------------------------------------------------------------------------
@@ -311,11 +321,11 @@ def _elide_middle(text: str, n: int = 80) -> str:
 
 
 def _call_with_timeout(fn, timeout_s: float, kwargs: dict):
-    """Call fn(**kwargs); raise TimeoutError after timeout_s. In the main thread on POSIX SIGALRM interrupts
+    """Call fn(**kwargs); raise RewardTimeout after timeout_s. In the main thread on POSIX SIGALRM interrupts
     the call itself; elsewhere the call runs in a daemon thread that is abandoned (it cannot be killed)."""
     if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
         def on_alarm(signum, frame):
-            raise TimeoutError
+            raise RewardTimeout
 
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
@@ -336,7 +346,7 @@ def _call_with_timeout(fn, timeout_s: float, kwargs: dict):
     t.start()
     t.join(timeout_s)
     if t.is_alive():
-        raise TimeoutError
+        raise RewardTimeout
     if "error" in result:
         raise result["error"]
     return result["value"]
@@ -407,7 +417,7 @@ def score_completions(reward_funcs, prompts: list, completions: list, columns: d
         start = time.monotonic()
         try:
             values = _call_with_timeout(f, timeout_s, kwargs)
-        except TimeoutError:
+        except RewardTimeout:
             raise RewardFunctionError(
                 f"reward function {name!r} took more than reward_timeout_s={timeout_s}s on {len(completions)} "
                 f"completions (started {time.monotonic() - start:.1f}s ago); make it faster or raise the limit"

@@ -182,7 +182,7 @@ class _MathVerifyProcess:
                     return out + [False]
                 out.append(line == b"1")
             return out
-        except BaseException:  # e.g. the trainer's reward timeout fired mid-batch: replies are out of step
+        except BaseException:  # e.g. rewards.RewardTimeout fired mid-batch: the replies are out of step
             self.close()
             raise
 

@@ -1,6 +1,7 @@
 """The reward library and scoring: values by hand, and errors that name the culprit."""
 
 import math
+import re
 import time
 import warnings
 
@@ -134,6 +135,34 @@ def test_slow_function_times_out():
     with pytest.raises(RewardFunctionError, match=r"'slow' took more than reward_timeout_s=0.2s"):
         score_completions([slow], ["p"], ["a"], timeout_s=0.2)
     assert time.monotonic() - start < 2
+
+
+def test_timeout_is_not_swallowed_by_a_broad_except():
+    """The reward timeout is not an Exception: a reward function's own `except Exception` (a common guard
+    around a parser or a network call) cannot catch it and run on past the limit."""
+    def guarded(prompts, completions, **kw):
+        end = time.monotonic() + 3  # a bound so that a swallowed timeout fails the test instead of hanging it
+        while time.monotonic() < end:
+            try:
+                time.sleep(0.05)
+            except Exception:
+                pass
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"'guarded' took more than reward_timeout_s=0.2s") as info:
+        score_completions([guarded], ["p"], ["a"], timeout_s=0.2)
+    assert float(re.search(r"started ([\d.]+)s ago", str(info.value))[1]) < 1.5  # stopped at the limit, not at 3 s
+
+
+def test_a_reward_functions_own_timeout_error_is_not_called_slow():
+    """A TimeoutError the function raises itself (a socket, a subprocess) is its failure, reported as one,
+    not as the trainer's reward timeout."""
+    def remote(prompts, completions, **kw):
+        raise TimeoutError("grader service did not answer")
+
+    with pytest.raises(RewardFunctionError, match="grader service did not answer") as info:
+        score_completions([remote], ["p"], ["a"], timeout_s=5)
+    assert "took more than" not in str(info.value)
 
 
 def test_unknown_name():

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from grpo_lib.rewards import RewardTimeout
 from grpo_lib import sandbox
 from grpo_lib.sandbox import SandboxLimits, run_many, run_untrusted
 
@@ -511,9 +512,10 @@ def test_limits_are_validated():
 
 
 def test_the_trainers_timeout_still_reaches_it(monkeypatch):
-    # rewards._call_with_timeout interrupts a slow reward function with TimeoutError (SIGALRM)
+    # rewards._call_with_timeout interrupts a slow reward function with RewardTimeout (SIGALRM): the client's
+    # `except Exception` lets it through to the trainer and its `finally` still kills the job's processes
     def interrupted(*args, **kwargs):
-        raise TimeoutError
+        raise RewardTimeout
 
     real = sandbox._exchange
 
@@ -521,10 +523,10 @@ def test_the_trainers_timeout_still_reaches_it(monkeypatch):
         args = list(args)
         args[3] = time.monotonic() + 0.3  # read for 0.3 s (J has reported its pid), then the alarm
         real(*args, **kwargs)
-        raise TimeoutError
+        raise RewardTimeout
 
     monkeypatch.setattr(sandbox, "_exchange", interrupted_after_start)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(RewardTimeout):
         run_untrusted("while True:\n    pass", TRIVIAL_TEST, LIMITS)
     time.sleep(0.1)
     assert job_processes() == []
