@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,13 +36,55 @@ from .rewards import (RewardScores, default_trainer_state, required_columns, res
                       reward_inputs, score_completions)
 from .rng import rng_state, seed_everything, set_rng_state
 from .runlog import RunDirError, StepRecord
-from .sampling import cat_groups, sample_groups
+from .sampling import Rollout, cat_groups, sample_groups
 from .tracking import Tracker
+
+
+@dataclass
+class SampledBatch:
+    """Steps 1) and 2) of a step: dataset rows, G completions of each, their scores, and the seconds taken."""
+
+    rows: list[dict]  # [groups] dataset rows
+    rollout: Rollout  # completions [N = groups * G, T], group-major, on the model's device
+    scores: RewardScores  # per_func [N, F], total [N] (NaN: unscorable), on the CPU
+    generate_s: float = 0.0  # seconds sampling
+    score_s: float = 0.0  # seconds in the reward functions
+
+
+@dataclass
+class UpdateBatch:
+    """What every update of a step reads (fixed for the step)."""
+
+    rollout: Rollout  # completions [N, T]
+    advantages: torch.Tensor  # [N], on the model's device
+    loss_mask: torch.Tensor  # [N, T] the tokens the loss counts
+    old_logps: torch.Tensor | None  # [N, T] the sampling policy's, no gradient (mu > 1)
+    ref_logps: torch.Tensor | None  # [N, T] the reference policy's, no gradient (beta != 0)
+
+
+def informative_groups(total: torch.Tensor, G: int) -> list[int]:
+    """The groups whose rewards differ, so whose advantages are not all 0. total: [groups * G]."""
+    _, zero_std = group_advantages(total.reshape(-1, G))  # zero_std: [groups]
+    return (~zero_std).nonzero().flatten().tolist()
+
+
+def groups_to_train(informative: list[list[int]], prompts_per_step: int) -> list[tuple[int, list[int]]]:
+    """Dynamic sampling's choice among batches of prompts_per_step groups each: [(batch, its groups)] holding
+    the first prompts_per_step informative groups in the order they were generated; batches that give none are
+    left out. If no batch has one, the first batch whole (its KL term still applies).
+    informative[b]: the indices of batch b's informative groups, ascending."""
+    chosen, room = [], prompts_per_step
+    for b, groups in enumerate(informative):
+        take = groups[:room]
+        if take:
+            chosen.append((b, take))
+            room -= len(take)
+    return chosen or [(0, list(range(prompts_per_step)))]
 
 
 class StepOOMError(RuntimeError):
     """The device ran out of memory during a step. The step was given back (GRPOTrainer.step), except where the
-    message says the optimiser step itself failed with num_iterations = 1: the parameters may be partly updated."""
+    message says the optimiser step had begun with num_iterations = 1: the parameters may be partly updated."""
 
 
 def lr_lambda(config: GRPOConfig):
@@ -113,7 +156,7 @@ class GRPOTrainer:
         self.skipped_steps = 0  # steps in a row whose fp16 optimiser step was skipped (max_skipped_steps stop)
         self.stop_reason: str | None = None  # set when train() stops before max_steps
         self.rng_started = False  # the global streams were seeded by seed() or restored by resume()
-        self._optimizer_step_unfinished = False  # optimizer_step began changing the weights and has not finished
+        self._weights_touched = False  # optimizer_step changed weights this step and no copy undid it
 
     def seed(self) -> None:
         """Seed every global random stream with config.seed now (the first step of a fresh run does it itself,
@@ -146,12 +189,13 @@ class GRPOTrainer:
         interrupt) is given back: the data position, every random stream and the loss scaler as before it, and
         with num_iterations > 1 the weights, AdamW's state and the schedule (_update), so the next step() is the
         step an uninterrupted run takes. With num_iterations = 1 the weights change only in the final
-        optimizer_step; if that itself fails they may be partly updated, and the error says so. Out of memory
-        is raised as StepOOMError, with cheaper settings."""
+        optimizer_step and no copy is kept: a failure once it has begun may leave them partly updated, and the
+        error says so. Out of memory is raised as StepOOMError, with cheaper settings."""
         if self.step_count == 0 and not self.rng_started:
             self.seed()  # training starts here: the run's streams do not depend on anything drawn before
         start = {"step": self.step_count, "data_position": self.data_position, "rng": rng_state(),
                  "scaler": self.scaler.state_dict()}
+        self._weights_touched = False
         try:
             return self._step()
         except BaseException as e:
@@ -169,21 +213,21 @@ class GRPOTrainer:
         # a fresh scaler: torch's also remembers an unscale_ until its update(), which a failed step never reached
         self.scaler = torch.amp.GradScaler(model_device(self.model).type, enabled=self.scaler.is_enabled())
         self.scaler.load_state_dict(start["scaler"])
-        partly_updated, self._optimizer_step_unfinished = self._optimizer_step_unfinished, False
+        partly_updated, self._weights_touched = self._weights_touched, False
         return partly_updated
 
     def _step(self) -> StepRecord:
         c = self.config
         G = c.num_generations
-        times = {"generate": 0.0, "score": 0.0}
 
         # 1) + 2) sample G completions per prompt and score them [N, F] -> total [N]; with dynamic sampling,
         # more prompts until prompts_per_step groups carry a learning signal
-        rows = self.next_rows()
-        rollout, scores = self._sample_and_score(rows, times)
+        batch = self._sample_and_score(self.next_rows())
         sampling_stats = {}
         if c.dynamic_sampling:
-            rows, rollout, scores, sampling_stats = self._keep_informative_groups(rows, rollout, scores, times)
+            batch, sampling_stats = self._keep_informative_groups(batch)
+        rows, rollout, scores = batch.rows, batch.rollout, batch.scores
+        times = {"generate": batch.generate_s, "score": batch.score_s}
 
         # 3) group-relative advantages [groups, G] -> [N], on the model's device
         t0 = time.perf_counter()
@@ -211,9 +255,9 @@ class GRPOTrainer:
             completion_ids=completion_ids, tokens=self._token_strings(completion_ids), token_stats=token_stats,
             logged=scores.logged_columns, reward_ranges=scores.ranges, reward_kinds=scores.kinds)
 
-    def _sample_and_score(self, rows: list[dict], times: dict[str, float]):
-        """(Rollout, RewardScores) of G completions for each row; the reward functions called as TRL calls them.
-        Adds the seconds spent to times["generate"] and times["score"]."""
+    def _sample_and_score(self, rows: list[dict]) -> SampledBatch:
+        """G completions for each row, scored by the reward functions called as TRL calls them, with the
+        seconds each took."""
         c = self.config
         t0 = time.perf_counter()
         rollout = sample_groups(self.model, self.tokenizer, [r["prompt"] for r in rows], c.num_generations,
@@ -223,44 +267,32 @@ class GRPOTrainer:
         scores = score_completions(self.reward_funcs, **inputs, weights=self.reward_weights,
                                    timeout_s=c.reward_timeout_s, num_generations=c.num_generations,
                                    trainer_state=default_trainer_state(self.step_count, c.max_steps))
-        times["generate"] += t1 - t0
-        times["score"] += time.perf_counter() - t1
-        return rollout, scores
+        return SampledBatch(rows, rollout, scores, generate_s=t1 - t0, score_s=time.perf_counter() - t1)
 
-    def _keep_informative_groups(self, rows, rollout, scores, times):
+    def _keep_informative_groups(self, first: SampledBatch) -> tuple[SampledBatch, dict[str, float]]:
         """DAPO's dynamic sampling: groups whose G rewards are all equal carry no policy gradient, so sample
         prompts_per_step more prompts at a time (at most max_resample_rounds times) until prompts_per_step
-        groups with reward variance are found, and train on those. If none is found the first batch is
-        kept (its KL term still applies). Returns (rows, rollout, scores, metrics of the search)."""
+        groups with reward variance are found, and train on those (groups_to_train). Returns the batch kept
+        (its times: every round's) and the metrics of the search."""
         c, G = self.config, self.config.num_generations
-        batches = [(rows, rollout, scores)]
-
-        def informative(batch) -> list[int]:
-            return (~group_advantages(batch[2].total.reshape(-1, G))[1]).nonzero().flatten().tolist()
-
-        found = len(informative(batches[0]))
-        while found < c.prompts_per_step and len(batches) <= c.max_resample_rounds:
-            more = self.next_rows()
-            batches.append((more, *self._sample_and_score(more, times)))
-            found += len(informative(batches[-1]))
-        chosen, room = [], c.prompts_per_step
-        for batch in batches:
-            groups = informative(batch)[:room]
-            chosen.append((batch, groups))
-            room -= len(groups)
-        if room == c.prompts_per_step:  # nothing informative anywhere: the first batch
-            chosen = [(batches[0], list(range(len(rows))))]
-        chosen = [(batch, groups) for batch, groups in chosen if groups]
-        generated = sum(len(b[0]) for b in batches)
+        batches = [first]
+        informative = [informative_groups(first.scores.total, G)]
+        while sum(map(len, informative)) < c.prompts_per_step and len(batches) <= c.max_resample_rounds:
+            batches.append(self._sample_and_score(self.next_rows()))
+            informative.append(informative_groups(batches[-1].scores.total, G))
+        chosen = groups_to_train(informative, c.prompts_per_step)
+        found, generated = sum(map(len, informative)), sum(len(b.rows) for b in batches)
         stats = {"sampling/rounds": len(batches) - 1, "sampling/groups_generated": generated,
                  "sampling/zero_std_frac": 1 - found / generated,
                  "sampling/informative_groups": min(found, c.prompts_per_step),
-                 "tokens/generated": int(sum(b[1].lengths.sum() for b in batches))}
-        kept_rows = [batch[0][g] for batch, groups in chosen for g in groups]
-        kept_rollout = cat_groups([(batch[1], groups) for batch, groups in chosen], self.tokenizer.pad_token_id)
-        rows_of = [[g * G + j for g in groups for j in range(G)] for _, groups in chosen]
-        kept_scores = RewardScores.cat([(batch[2], r) for (batch, _), r in zip(chosen, rows_of)])
-        return kept_rows, kept_rollout, kept_scores, stats
+                 "tokens/generated": int(sum(b.rollout.lengths.sum() for b in batches))}
+        kept = SampledBatch(
+            rows=[batches[b].rows[g] for b, groups in chosen for g in groups],
+            rollout=cat_groups([(batches[b].rollout, groups) for b, groups in chosen], self.tokenizer.pad_token_id),
+            scores=RewardScores.cat([(batches[b].scores, [g * G + j for g in groups for j in range(G)])
+                                     for b, groups in chosen]),
+            generate_s=sum(b.generate_s for b in batches), score_s=sum(b.score_s for b in batches))
+        return kept, stats
 
     def _logps(self, rollout, idx: torch.Tensor, model=None, with_entropy: bool = False):
         """[n, T] log-probs of the completions idx; with_entropy: and the policy's entropies (same pass)."""
@@ -302,19 +334,21 @@ class GRPOTrainer:
     def _update(self, rollout, advantages: torch.Tensor):
         """mu optimiser updates on one generation batch. If anything fails (e.g. out of memory) the gradients
         are dropped, and with mu > 1 the parameters, optimiser and schedule are restored from a copy taken before
-        the first update. With mu = 1 no copy is needed: only the last call, optimizer_step, changes them."""
+        the first update. With mu = 1 no copy is needed: only the last call, optimizer_step, changes them.
+        Returns (the update's metrics, per-token lists of logp, ratio, entropy and kl)."""
         c = self.config
         mask = rollout.completion_mask
         # the loss counts these tokens; the per-token records and the entropy metric keep every sampled one
         loss_mask = mask_truncated_completions(mask, rollout.truncated) if c.mask_truncated_completions else mask
         ref_logps = self._frozen_logps(rollout, reference=True) if c.beta != 0 else None
         old_logps = self._frozen_logps(rollout, reference=False) if c.num_iterations > 1 else None
+        batch = UpdateBatch(rollout, advantages, loss_mask, old_logps, ref_logps)
         snapshot = self._snapshot() if c.num_iterations > 1 else None
         micro = self._microbatches(mask.size(0))
         totals: dict[str, float] = {}
-        token_logps = torch.zeros_like(mask, dtype=torch.float32)
-        token_ratio = torch.ones_like(mask, dtype=torch.float32)
-        token_entropy = torch.zeros_like(mask, dtype=torch.float32)  # the sampling policy's, from the first forward
+        tokens = {"logp": torch.zeros_like(mask, dtype=torch.float32),  # [N, T] each
+                  "ratio": torch.ones_like(mask, dtype=torch.float32),
+                  "entropy": torch.zeros_like(mask, dtype=torch.float32)}  # the sampling policy's (first forward)
         # training mode: dropout, and gradient checkpointing (HF models checkpoint only in training mode)
         with model_mode(self.model, training=True):
             try:
@@ -322,44 +356,52 @@ class GRPOTrainer:
                 for it in range(c.num_iterations):
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_total = 0.0
-                    with_entropy = it == 0 or c.top_entropy_quantile < 1.0  # for the metric, for the quantile
                     for micro_idx in micro:
                         normalizers = microbatch_normalizers(c.loss_type, loss_mask[micro_idx], loss_mask, len(micro))
                         for idx in self._backward_parts(rollout, micro_idx):
-                            out = self._logps(rollout, idx, with_entropy=with_entropy)  # [n, T], logps with grad
-                            logps, entropies = out if with_entropy else (out, None)
-                            loss, stats = grpo_loss(
-                                logps, None if old_logps is None else old_logps[idx],
-                                None if ref_logps is None else ref_logps[idx], advantages[idx], loss_mask[idx],
-                                **loss_kwargs(c), entropies=entropies, **normalizers)
-                            self.scaler.scale(loss).backward()
-                            loss_total += loss.item()
-                            share = stats.pop("tokens") / max(loss_mask.sum().item(), 1)  # token-weighted stat means
-                            for k, v in stats.items():
-                                totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
-                            if it == 0:
-                                token_logps[idx] = logps.detach().float()
-                                token_entropy[idx] = entropies.float()
-                            if it == c.num_iterations - 1 and old_logps is not None:
-                                token_ratio[idx] = probability_ratio(logps.detach(), old_logps[idx]).float()
+                            loss_total += self._backward_piece(batch, idx, it, normalizers, totals, tokens)
                     updates.append(self.optimizer_step())
-                # the loss scale of the step's first backward; a skip in any of its num_iterations updates counts
+                # the last update's loss; the loss scale of the step's first backward; a skip in any update counts
                 totals.update({"loss": loss_total, "grad_norm": updates[-1]["grad_norm"],
                                "amp/loss_scale": updates[0]["amp/loss_scale"],
                                "amp/step_skipped": max(u["amp/step_skipped"] for u in updates),
-                               "entropy/mean": masked_mean(token_entropy, mask).item()})
+                               "entropy/mean": masked_mean(tokens["entropy"], mask).item()})
+                if ref_logps is not None:
+                    tokens["kl"] = k3_kl(tokens["logp"], ref_logps.float())
+                return totals, self._per_token_lists(tokens, mask)
             except BaseException:
                 self.optimizer.zero_grad(set_to_none=True)
                 if snapshot is not None:
                     self._restore(snapshot)
-                    self._optimizer_step_unfinished = False  # whatever it left is undone
+                    self._weights_touched = False  # whatever the updates did is undone
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise
-        token_stats = {"logp": token_logps, "ratio": token_ratio, "entropy": token_entropy}
-        if ref_logps is not None:
-            token_stats["kl"] = k3_kl(token_logps, ref_logps.float())
-        return totals, self._per_token_lists(token_stats, mask)
+
+    def _backward_piece(self, batch: UpdateBatch, idx: torch.Tensor, it: int, normalizers: dict,
+                        totals: dict[str, float], tokens: dict[str, torch.Tensor]) -> float:
+        """Forward, loss and backward of the completions idx in update `it` (0-based); returns the piece's loss.
+        Adds the piece's share of the step's token-weighted statistics (1/mu of it per update) to totals, and
+        writes its log-probs and entropies (first update) and its ratios to the sampling policy (last update)
+        into tokens' [N, T] rows idx."""
+        c = self.config
+        with_entropy = it == 0 or c.top_entropy_quantile < 1.0  # for the metric, for the quantile
+        out = self._logps(batch.rollout, idx, with_entropy=with_entropy)  # [n, T], logps with grad
+        logps, entropies = out if with_entropy else (out, None)
+        old = None if batch.old_logps is None else batch.old_logps[idx]  # [n, T]
+        ref = None if batch.ref_logps is None else batch.ref_logps[idx]  # [n, T]
+        loss, stats = grpo_loss(logps, old, ref, batch.advantages[idx], batch.loss_mask[idx], **loss_kwargs(c),
+                                entropies=entropies, **normalizers)
+        self.scaler.scale(loss).backward()
+        share = stats.pop("tokens") / max(batch.loss_mask.sum().item(), 1)  # token-weighted stat means
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * share / c.num_iterations
+        if it == 0:
+            tokens["logp"][idx] = logps.detach().float()
+            tokens["entropy"][idx] = entropies.float()
+        if it == c.num_iterations - 1 and old is not None:
+            tokens["ratio"][idx] = probability_ratio(logps.detach(), old).float()
+        return loss.item()
 
     def optimizer_step(self) -> dict[str, float]:
         """Unscale, clip, step, update the loss scale and the learning rate (unless the step was skipped), on the
@@ -372,15 +414,14 @@ class GRPOTrainer:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         # from here the weights change, one parameter after another (AdamW also allocates its moments at its
-        # first step, so this can run out of memory): a failure until the end may leave them partly updated
-        self._optimizer_step_unfinished = True
+        # first step, so this can run out of memory)
+        self._weights_touched = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # update() lowers the scale (x backoff_factor) exactly when step() skipped on inf/NaN; growth only raises it
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
         if not skipped:  # a skipped update does not advance the schedule (as accelerate's scheduler under TRL)
             self.scheduler.step()
-        self._optimizer_step_unfinished = False
         return {"grad_norm": grad_norm, "amp/loss_scale": scale, "amp/step_skipped": float(skipped)}
 
     def _snapshot(self) -> dict:
@@ -397,9 +438,10 @@ class GRPOTrainer:
 
     def _oom_advice(self, partly_updated: bool = False) -> str:
         c = self.config
-        applied = ("the optimiser step itself failed; the parameters may be partly updated (the data position, "
-                   "random streams and loss scale were given back): resume from the last checkpoint "
-                   "(trainer.resume(), or --resume)" if partly_updated else "the step was not applied")
+        applied = ("the optimiser step had begun, and num_iterations = 1 keeps no copy to undo it: the parameters "
+                   "may be partly updated (the data position, random streams and loss scale were given back); "
+                   "resume from the last checkpoint (trainer.resume(), or --resume)" if partly_updated else
+                   "the step was not applied")
         return (f"out of GPU memory during step {self.step_count + 1}; {applied}. Cheaper settings: "
                 f"gradient_accumulation_steps={2 * c.gradient_accumulation_steps} (if it divides "
                 f"{c.batch_size}), num_generations={max(2, c.num_generations // 2)}, max_completion_length="

@@ -355,8 +355,7 @@ def test_out_of_memory_inside_the_optimizer_step_says_what_it_left(tokenizer, mo
     trainer, fresh = make_trainer(tokenizer, num_iterations=mu), make_trainer(tokenizer, num_iterations=mu)
     fired = fail_once(monkeypatch, trainer.optimizer, "step", lambda: True)
     expected = ("the step was not applied" if mu == 2 else
-                "the optimiser step itself failed; the parameters may be partly updated.*resume from the last "
-                "checkpoint")
+                "the optimiser step had begun.*the parameters may be partly updated.*resume from the last checkpoint")
     with pytest.raises(StepOOMError, match=expected):
         trainer.step()
     assert fired == [True] and trainer.data_position == 0 and trainer.step_count == 0
@@ -364,6 +363,24 @@ def test_out_of_memory_inside_the_optimizer_step_says_what_it_left(tokenizer, mo
         assert_failed_step_left_no_trace(trainer, fresh)
     else:
         assert trainer.step().step == 1
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_out_of_memory_after_the_last_update_says_what_it_left(tokenizer, monkeypatch, mu):
+    """The per-token KL of the record runs out of memory after the last optimiser step: mu=2 restores its copy
+    (not applied); mu=1 has none, so the update stands and the error says the parameters may be updated."""
+    import grpo_lib.trainer as tr
+
+    trainer, fresh = make_trainer(tokenizer, num_iterations=mu), make_trainer(tokenizer, num_iterations=mu)
+    fired = fail_once(monkeypatch, tr, "k3_kl", lambda: True)
+    with pytest.raises(StepOOMError, match="the step was not applied" if mu == 2 else "may be partly updated"):
+        trainer.step()
+    assert fired == [True] and trainer.data_position == 0 and trainer.step_count == 0
+    if mu == 2:
+        assert_failed_step_left_no_trace(trainer, fresh)
+    else:
+        now, initial = training_state(trainer)["params"], training_state(fresh)["params"]
+        assert any(not torch.equal(a, b) for a, b in zip(now, initial)), "mu=1: the optimiser step was applied"
 
 
 def fp16_lora_trainer(tokenizer, **kw):
@@ -754,6 +771,20 @@ def test_cat_groups_keeps_each_groups_log_probs(tokenizer):
             assert (both.completion_mask[4:, 3:] == 0).all()  # b's completions padded to the wider width
 
 
+@pytest.mark.parametrize("informative, prompts_per_step, expected", [
+    ([[1], [0, 2], [1]], 3, [(0, [1]), (1, [0, 2])]),  # 1 + 2 found: the third batch is not needed
+    ([[], [], []], 2, [(0, [0, 1])]),  # nothing informative anywhere: the first batch whole
+    ([[0, 1, 2]], 2, [(0, [0, 1])]),  # more than needed: the first ones in order
+    ([[2], [0, 1, 2]], 2, [(0, [2]), (1, [0])]),  # ... across batches too
+    ([[], [1]], 1, [(1, [1])]),  # a batch that gives nothing is left out
+    ([[1], []], 3, [(0, [1])]),  # fewer than needed after every round: train on what was found
+])
+def test_groups_to_train(informative, prompts_per_step, expected):
+    from grpo_lib.trainer import groups_to_train
+
+    assert groups_to_train(informative, prompts_per_step) == expected
+
+
 def test_dynamic_sampling_trains_on_informative_groups_only(tokenizer):
     trainer = make_trainer(tokenizer, prompts_per_step=2, dynamic_sampling=True, max_resample_rounds=3, seed=1)
     trainer.reward_funcs = [vowels_unless_yes_or_no]
@@ -795,7 +826,8 @@ def test_saturation_stop_ends_the_run_and_saves_everything(tokenizer, tmp_path):
     assert [r.step for r in records] == [1, 2] and trainer.stop_reason.startswith("saturated: 2 steps in a row")
     assert [d.name for d in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert torch.load(checkpoint.checkpoint_dirs(tmp_path)[0] / checkpoint.STATE_NAME, weights_only=False)["saturated_steps"] == 2
+    state = torch.load(checkpoint.checkpoint_dirs(tmp_path)[0] / checkpoint.STATE_NAME, weights_only=False)
+    assert state["saturated_steps"] == 2
 
 
 def test_report_to_tensorboard_gets_every_step(tokenizer, tmp_path):
