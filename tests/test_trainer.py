@@ -1,6 +1,7 @@
 """The training loop on a tiny random model: records, mu > 1, micro-batches, checkpoints and resume,
 failures that apply nothing and lose nothing."""
 
+import copy
 import json
 import math
 
@@ -256,17 +257,7 @@ def training_state(trainer) -> dict:
     return {"data_position": trainer.data_position, "scale": trainer.scaler.get_scale(),
             "growth": trainer.scaler.state_dict().get("_growth_tracker"), "step_count": trainer.step_count,
             "params": [p.detach().clone() for p in trainable_parameters(trainer.model)],
-            "optimizer": copy_tree(trainer.optimizer.state_dict()), "scheduler": trainer.scheduler.state_dict()}
-
-
-def copy_tree(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: copy_tree(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [copy_tree(v) for v in x]
-    return x
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()), "scheduler": trainer.scheduler.state_dict()}
 
 
 def assert_same_tree(a, b, where="state"):
